@@ -1,0 +1,72 @@
+"""Connecting to NATS with the reconnect and ping settings every role uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from .logs import get_logger
+from .settings import BusSettings
+
+
+class BusUnavailable(ConnectionError):
+    pass
+
+
+async def connect(bus: BusSettings, name: str, *, wait_s: float = 60.0) -> Client:
+    """Connect, trying for up to `wait_s`; once connected, reconnect for ever."""
+    log = get_logger(connection=name)
+    client = Client()
+    try:
+        await asyncio.wait_for(_connect(client, bus, name, log), wait_s)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise BusUnavailable(
+            f"cannot reach NATS at {bus.nats_url} ({type(exc).__name__}); is the server running?"
+        ) from None
+    return client
+
+
+async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> None:
+    # Before the first connection, failures are reported once, by connect(); while
+    # reconnecting, only the first failed attempt is logged, not one per retry.
+    connected = False
+    quiet = False
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal quiet
+        if connected and not quiet:
+            log.warning("nats error", error=str(exc))
+            quiet = client.is_reconnecting
+
+    async def on_disconnect() -> None:
+        if connected and not client.is_closed:
+            log.warning("nats disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        nonlocal quiet
+        quiet = False
+        log.info("nats reconnected")
+
+    await client.connect(
+        bus.nats_url,
+        name=name,
+        user_credentials=bus.creds_file,
+        # Keep trying for ever: a restarted server must not take the fleet down.
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        ping_interval=10,
+        max_outstanding_pings=3,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    connected = True

@@ -1,0 +1,307 @@
+"""Typed messages exchanged on the bus, one dataclass per message.
+
+Flow of one image (a *task*; a *job* is one request of n images):
+
+    requester --img-gen--> orchestrator            (GenerateRequest, msgpack or JSON)
+    orchestrator --request-worker--> a worker      (RecruitCall -> WorkerOffer)
+    orchestrator --worker.<id>.assign--> worker    (TaskAssignment -> AssignmentAck)
+    worker --> requester inbox                     (TaskProgress..., TaskResult)
+    worker --orchestrator.<id>.report-->           (TaskReport, no image bytes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Dialect(StrEnum):
+    """How a requester wants its events encoded."""
+
+    LEGACY = "legacy"  # the prototype's JSON request, text progress, raw PNG result
+    NATIVE = "native"  # msgpack everywhere, events under "<inbox>.<event>"
+
+
+class OfferReason(StrEnum):
+    """Why a worker declined a recruitment call."""
+
+    BUSY = "busy"  # every slot taken: may be free soon
+    MODEL = "model"  # does not hold the model asked for
+    TOO_LARGE = "too_large"  # above the worker's pixel limit
+    DEVICE = "device"  # not the device asked for
+    VRAM = "vram"  # less GPU memory than asked for
+    DRAINING = "draining"  # shutting down
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    NO_WORKER = "no_worker"
+    NO_FITTING_WORKER = "no_fitting_worker"
+    JOB_TIMEOUT = "job_timeout"
+    QUEUE_TIMEOUT = "queue_timeout"
+    TASK_TIMEOUT = "task_timeout"
+    GENERATION_FAILED = "generation_failed"
+    RESULT_TOO_LARGE = "result_too_large"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageParams:
+    """Validated parameters shared by every image of a job."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    negative_prompt: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What a worker must offer to be given the job (ByteNite's device requirements)."""
+
+    device: str | None = None  # "cpu" or "cuda"
+    min_vram_gb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated request for `n` images (replicas); `seed` is the first image's seed.
+
+    `prompts`, when given, holds one prompt per replica; `params.prompt` is the first.
+    Timeouts of None mean the orchestrator's defaults.
+    """
+
+    params: ImageParams
+    n: int = 1
+    seed: int | None = None
+    prompts: list[str] | None = None
+    requirements: Requirements = field(default_factory=Requirements)
+    task_timeout_s: float | None = None
+    job_timeout_s: float | None = None
+    queue_timeout_s: float | None = None
+    preset: str | None = None
+
+    def params_for(self, index: int) -> ImageParams:
+        if self.prompts is None:
+            return self.params
+        return dataclasses.replace(self.params, prompt=self.prompts[index])
+
+
+@dataclass(frozen=True, slots=True)
+class RecruitCall:
+    """Sent on `request-worker`: is some worker willing to take this task?"""
+
+    job_id: str
+    index: int
+    orchestrator_id: str
+    width: int
+    height: int
+    steps: int
+    model: str | None = None
+    device: str | None = None
+    min_vram_gb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOffer:
+    """A worker's answer to a RecruitCall. A willing offer holds a slot for `lease_s`."""
+
+    worker_id: str
+    willing: bool
+    slots: int
+    free_slots: int
+    device: str
+    models: list[str] = field(default_factory=list)
+    reservation_id: str | None = None
+    lease_s: float = 0.0
+    reason: str | None = None  # an OfferReason when unwilling
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAssignment:
+    """Sent to the recruited worker: generate image `index` of `job_id`."""
+
+    job_id: str
+    index: int
+    seed: int
+    params: ImageParams
+    reply_inbox: str
+    dialect: str  # a Dialect
+    reservation_id: str
+    report_subject: str
+    heartbeat_subject: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentAck:
+    accepted: bool
+    worker_id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRelease:
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    """A worker's account of a finished task, for the orchestrator's records."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    code: str | None = None
+    png_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeartbeat:
+    """Sent every second or so for each running task: the worker is alive."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    step: int = 0
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerAdvert:
+    """What a worker is and can do, published every few seconds (the worker registry)."""
+
+    worker_id: str
+    models: list[str]
+    device: str
+    slots: int
+    free_slots: int
+    max_pixels: int
+    state: str  # "idle", "busy" or "draining"
+    tasks_done: int = 0
+    failures: int = 0
+    seconds_per_image: float = 0.0
+    gpu_name: str | None = None
+    vram_gb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerListing:
+    """An orchestrator's view of one worker, for `imagebus workers`."""
+
+    advert: WorkerAdvert
+    last_seen_s: float  # seconds ago
+    blacklisted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    index: int
+    seed: int
+    state: str
+    worker_id: str | None = None
+    seconds: float | None = None
+    error: str | None = None
+    attempts: int = 0
+    step: int = 0
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: str
+    state: str  # queued, running, done, partial, failed, cancelled
+    n: int
+    succeeded: int
+    failed: int
+    prompt: str
+    created_at: str
+    finished_at: str | None
+    tasks: list[TaskStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancel:
+    """Broadcast: stop this job (or one of its images). Orchestrators and workers listen."""
+
+    job_id: str
+    index: int | None = None
+    reason: str = "cancelled by the requester"
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityNotice:
+    worker_id: str
+    free_slots: int
+
+
+# --- events for native requesters ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobAccepted:
+    job_id: str
+    n: int
+    seeds: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRejected:
+    error: str
+    code: str
+    field: str | None = None
+    job_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAssigned:
+    job_id: str
+    index: int
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskProgress:
+    job_id: str
+    index: int
+    step: int
+    steps: int
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """One image, or the reason it could not be made."""
+
+    job_id: str
+    index: int
+    ok: bool
+    seed: int
+    worker_id: str | None = None
+    png: bytes | None = None
+    width: int = 0
+    height: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    code: str | None = None
+    # A PNG too large for one message comes first as `chunks` ResultChunk messages;
+    # then this result, with png=None, its total size and SHA-256 to check them by.
+    chunks: int = 0
+    size: int = 0
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultChunk:
+    job_id: str
+    index: int
+    seq: int
+    data: bytes

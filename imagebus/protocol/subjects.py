@@ -1,0 +1,106 @@
+"""Every NATS subject, queue group and header name imagebus uses.
+
+The first block is the prototype's wire protocol, kept byte-compatible so its
+unmodified requesters keep working; the rest is imagebus's own.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- the prototype's names (see shared/prototype-wire-protocol.md) ---------------
+REQUEST_SUBJECT = "img-gen"
+RECRUIT_SUBJECT = "request-worker"
+WORKER_QUEUE = "workers"
+
+HEADER_IMAGE_INBOX = "imageInbox"
+HEADER_WILLING = "willing"
+HEADER_WORKER_ID = "workerId"
+HEADER_SUCCESS = "success"
+HEADER_MIMETYPE = "mimetype"
+
+LEGACY_ASSIGNED_SUFFIX = "worker-assigned"
+LEGACY_PROGRESS_SUFFIX = "worker-progress"
+
+# --- imagebus's own ------------------------------------------------------------
+ORCHESTRATOR_QUEUE = "orchestrators"
+# Requests on REQUEST_SUBJECT are captured by this JetStream work-queue stream, so
+# none is lost while no orchestrator runs; orchestrators share one durable consumer.
+INTAKE_STREAM = "IMAGEBUS_REQUESTS"
+INTAKE_CONSUMER = "orchestrators"
+HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates requests by this header
+# Any orchestrator answers here (queue group): used to wait until one is up.
+ORCHESTRATOR_PING_SUBJECT = "imagebus.orchestrators.ping"
+# Workers advertise themselves here every few seconds (the worker registry).
+WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
+# Requests answered by one orchestrator (queue group): the registry, a job's status,
+# the request schema.
+WORKERS_QUERY_SUBJECT = "imagebus.orchestrators.workers"
+JOB_STATUS_SUBJECT = "imagebus.orchestrators.job-status"
+SCHEMA_SUBJECT = "imagebus.schema"
+# Every image is also kept here, for `imagebus job fetch`, for the bucket's TTL.
+RESULTS_BUCKET = "imagebus_results"
+# Requesters publish JobCancel here; orchestrators and workers all listen.
+CANCEL_SUBJECT = "imagebus.cancel"
+# Workers announce here whenever a slot frees, so saturated recruitments wake up.
+CAPACITY_SUBJECT = "imagebus.capacity"
+
+HEADER_CONTENT_TYPE = "Content-Type"
+MSGPACK_CONTENT_TYPE = "application/msgpack"
+HEADER_JOB_ID = "Imagebus-Job"
+HEADER_INDEX = "Imagebus-Index"
+HEADER_SEED = "Imagebus-Seed"
+HEADER_ERROR_CODE = "Imagebus-Error"
+
+# Native requester events are published under the requester's inbox, so one
+# subscription to "<inbox>.>" receives them all.
+EVENT_ACCEPTED = "accepted"
+EVENT_REJECTED = "rejected"
+EVENT_ASSIGNED = "assigned"
+EVENT_PROGRESS = "progress"
+EVENT_RESULT = "result"
+EVENT_CHUNK = "chunk"
+
+# Requesters may only name inboxes: anything else would let a client make the
+# orchestrator or a worker publish on a control subject.
+INBOX_PREFIX = "_INBOX."
+_INBOX_RE = re.compile(r"^_INBOX(\.[A-Za-z0-9_\-]+)+$")
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+MAX_INBOX_LENGTH = 200
+
+
+def is_valid_inbox(subject: str) -> bool:
+    return len(subject) <= MAX_INBOX_LENGTH and _INBOX_RE.match(subject) is not None
+
+
+def is_valid_worker_id(worker_id: str) -> bool:
+    """A worker id is one subject token, so it can name the worker's own subjects."""
+    return _WORKER_ID_RE.match(worker_id) is not None
+
+
+def worker_assign_subject(worker_id: str) -> str:
+    return f"imagebus.worker.{worker_id}.assign"
+
+
+def worker_release_subject(worker_id: str) -> str:
+    return f"imagebus.worker.{worker_id}.release"
+
+
+def worker_ping_subject(worker_id: str) -> str:
+    return f"imagebus.worker.{worker_id}.ping"
+
+
+def report_subject(orchestrator_id: str) -> str:
+    return f"imagebus.orchestrator.{orchestrator_id}.report"
+
+
+def heartbeat_subject(orchestrator_id: str) -> str:
+    return f"imagebus.orchestrator.{orchestrator_id}.heartbeat"
+
+
+def result_object_name(job_id: str, index: int) -> str:
+    return f"{job_id}/{index:05d}.png"
+
+
+def event_subject(inbox: str, event: str) -> str:
+    return f"{inbox}.{event}"
