@@ -1,0 +1,325 @@
+"""PostgreSQL access: migrations, job and task records, workers, the blacklist.
+
+Only the orchestrator and the `imagebus blacklist` command talk to Postgres;
+workers never do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+# Errors that mean "Postgres is not reachable right now": retry later, lose nothing.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # includes a connection that died under us
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+)
+
+MIGRATION_LOCK_ID = 0x1A6EB05  # any constant: serialises migrations between orchestrators
+BLACKLIST_CHANNEL = "imagebus_blacklist"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("imagebus.db").joinpath("migrations").iterdir():
+        match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+@dataclass(frozen=True, slots=True)
+class BlacklistEntry:
+    worker_id: str
+    reason: str
+    added_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    job_id: str
+    orchestrator_id: str
+    dialect: str
+    inbox: str
+    prompt: str
+    negative_prompt: str | None
+    model: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    n: int
+    created_at: datetime
+    seeds: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskUpdate:
+    """A change to one task's row; None fields leave the stored value as it is."""
+
+    job_id: str
+    index: int
+    state: str
+    worker_id: str | None = None
+    recruit_attempts: int | None = None
+    assigned_at: datetime | None = None
+    finished_at: datetime | None = None
+    seconds: float | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One assignment of a task to a worker, and how it ended."""
+
+    job_id: str
+    index: int
+    attempt: int
+    worker_id: str
+    outcome: str
+    started_at: datetime
+    ended_at: datetime
+    error: str | None = None
+
+
+Record = JobRow | TaskUpdate | AttemptRecord
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool = pool
+        self.url = url
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 1, max_size: int = 4) -> Database:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply the migrations not yet applied; safe to run from many orchestrators."""
+        applied_now = []
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
+                for migration in load_migrations():
+                    if migration.version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            migration.version,
+                            migration.name,
+                        )
+                    applied_now.append(migration.version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        return applied_now
+
+    # --- blacklist -----------------------------------------------------------------
+
+    async def blacklisted_ids(self) -> set[str]:
+        rows = await self.pool.fetch("SELECT worker_id FROM blacklist")
+        return {r["worker_id"] for r in rows}
+
+    async def blacklist(self) -> list[BlacklistEntry]:
+        rows = await self.pool.fetch("SELECT * FROM blacklist ORDER BY added_at, worker_id")
+        return [BlacklistEntry(r["worker_id"], r["reason"], r["added_at"]) for r in rows]
+
+    async def add_to_blacklist(self, worker_id: str, reason: str = "") -> bool:
+        """True if the id was not blacklisted before."""
+        inserted = await self.pool.fetchval(
+            "INSERT INTO blacklist (worker_id, reason) VALUES ($1, $2)"
+            " ON CONFLICT (worker_id) DO UPDATE SET reason = EXCLUDED.reason"
+            " RETURNING (xmax = 0)",
+            worker_id,
+            reason,
+        )
+        return bool(inserted)
+
+    async def remove_from_blacklist(self, worker_id: str) -> bool:
+        status = await self.pool.execute("DELETE FROM blacklist WHERE worker_id = $1", worker_id)
+        return status == "DELETE 1"
+
+    async def listen_blacklist(self, callback: Callable[[], Any]) -> asyncpg.Connection:
+        """Call `callback` whenever the blacklist changes. Returns the listening connection."""
+        conn: asyncpg.Connection = await asyncpg.connect(dsn=self.url)
+        await conn.add_listener(BLACKLIST_CHANNEL, lambda *_: callback())
+        return conn
+
+    # --- job records (written behind by JobRecorder) -------------------------------
+
+    async def write(self, records: Sequence[Record]) -> None:
+        """Write a batch in one transaction, in order (a job before its task updates)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            run: list[Record] = []
+            for record in [*records, None]:
+                if run and (record is None or type(record) is not type(run[0])):
+                    if isinstance(run[0], JobRow):
+                        await _insert_jobs(conn, [r for r in run if isinstance(r, JobRow)])
+                    elif isinstance(run[0], TaskUpdate):
+                        await _update_tasks(conn, [r for r in run if isinstance(r, TaskUpdate)])
+                    else:
+                        attempts = [r for r in run if isinstance(r, AttemptRecord)]
+                        await _insert_attempts(conn, attempts)
+                    run = []
+                if record is not None:
+                    run.append(record)
+
+
+async def _insert_jobs(conn: asyncpg.Connection, jobs: Sequence[JobRow]) -> None:
+    await conn.executemany(
+        "INSERT INTO jobs (job_id, orchestrator_id, dialect, inbox, prompt,"
+        " negative_prompt, model, width, height, steps, guidance, n, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " ON CONFLICT (job_id) DO NOTHING",
+        [
+            (
+                j.job_id,
+                j.orchestrator_id,
+                j.dialect,
+                j.inbox,
+                j.prompt,
+                j.negative_prompt,
+                j.model,
+                j.width,
+                j.height,
+                j.steps,
+                j.guidance,
+                j.n,
+                j.created_at,
+            )
+            for j in jobs
+        ],
+    )
+    await conn.executemany(
+        "INSERT INTO tasks (job_id, task_index, seed) VALUES ($1, $2, $3)"
+        " ON CONFLICT (job_id, task_index) DO NOTHING",
+        [(j.job_id, i, seed) for j in jobs for i, seed in enumerate(j.seeds)],
+    )
+
+
+async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate]) -> None:
+    await conn.executemany(
+        "UPDATE tasks SET state = $3,"
+        " worker_id = COALESCE($4, worker_id),"
+        " recruit_attempts = COALESCE($5, recruit_attempts),"
+        " assigned_at = COALESCE($6, assigned_at),"
+        " finished_at = COALESCE($7, finished_at),"
+        " seconds = COALESCE($8, seconds),"
+        " error = COALESCE($9, error),"
+        " error_code = COALESCE($10, error_code)"
+        " WHERE job_id = $1 AND task_index = $2",
+        [
+            (
+                u.job_id,
+                u.index,
+                u.state,
+                u.worker_id,
+                u.recruit_attempts,
+                u.assigned_at,
+                u.finished_at,
+                u.seconds,
+                u.error,
+                u.error_code,
+            )
+            for u in updates
+        ],
+    )
+    finished = [u for u in updates if u.state in ("done", "failed") and u.worker_id]
+    if finished:
+        await conn.executemany(
+            "INSERT INTO workers (worker_id, tasks_done, failures) VALUES ($1, $2, $3)"
+            " ON CONFLICT (worker_id) DO UPDATE SET last_seen = now(),"
+            " tasks_done = workers.tasks_done + EXCLUDED.tasks_done,"
+            " failures = workers.failures + EXCLUDED.failures",
+            [(u.worker_id, int(u.state == "done"), int(u.state == "failed")) for u in finished],
+        )
+    job_ids = sorted({u.job_id for u in updates})
+    # A job is finished once none of its tasks is still open.
+    await conn.execute(
+        "UPDATE jobs SET state = CASE WHEN agg.failed = 0 THEN 'done'"
+        "   WHEN agg.cancelled = agg.total THEN 'cancelled'"
+        "   WHEN agg.failed = agg.total THEN 'failed' ELSE 'partial' END,"
+        " finished_at = now()"
+        " FROM (SELECT job_id, count(*) AS total,"
+        "        count(*) FILTER (WHERE state = 'failed') AS failed,"
+        "        count(*) FILTER (WHERE error_code = 'cancelled') AS cancelled,"
+        "        count(*) FILTER (WHERE state NOT IN ('done', 'failed')) AS open"
+        "       FROM tasks WHERE job_id = ANY($1::text[]) GROUP BY job_id) AS agg"
+        " WHERE jobs.job_id = agg.job_id AND agg.open = 0 AND jobs.finished_at IS NULL",
+        job_ids,
+    )
+    await conn.execute(
+        "UPDATE jobs SET state = 'running' WHERE job_id = ANY($1::text[])"
+        " AND state = 'queued' AND finished_at IS NULL",
+        job_ids,
+    )
+
+
+async def _insert_attempts(conn: asyncpg.Connection, attempts: Sequence[AttemptRecord]) -> None:
+    await conn.executemany(
+        "INSERT INTO task_attempts (job_id, task_index, attempt, worker_id, outcome,"
+        " started_at, ended_at, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT DO NOTHING",
+        [
+            (
+                a.job_id,
+                a.index,
+                a.attempt,
+                a.worker_id,
+                a.outcome,
+                a.started_at,
+                a.ended_at,
+                a.error,
+            )
+            for a in attempts
+        ],
+    )
+
+
+async def fetch_job_status(
+    db: Database, job_id: str
+) -> tuple[Any, list[Any], dict[int, int]] | None:
+    """The job's row, its task rows and attempts per task; None if unknown."""
+    async with db.pool.acquire() as conn:
+        job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
+        if job is None:
+            return None
+        tasks = await conn.fetch(
+            "SELECT * FROM tasks WHERE job_id = $1 ORDER BY task_index", job_id
+        )
+        attempts = await conn.fetch(
+            "SELECT task_index, count(*) AS n FROM task_attempts WHERE job_id = $1"
+            " GROUP BY task_index",
+            job_id,
+        )
+    return job, list(tasks), {r["task_index"]: r["n"] for r in attempts}
