@@ -1,0 +1,5 @@
+"""The orchestrator role: validates requests, recruits workers, records jobs."""
+
+from .service import Orchestrator
+
+__all__ = ["Orchestrator"]

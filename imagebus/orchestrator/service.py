@@ -1,0 +1,752 @@
+"""The orchestrator: takes requests from `img-gen`, recruits workers, records jobs.
+
+One request (a *job*) of n images becomes n *tasks*, each dispatched on its own:
+
+1. recruit: ask `request-worker` (one random worker of the queue group answers)
+   until a willing, non-blacklisted worker offers a reserved slot, at most
+   `max_attempts` asks per round. A round in which some worker was merely busy
+   means the pool is saturated: the task waits for a capacity notice and tries
+   again, up to `queue_timeout_s`. A round that met no worker that could ever
+   take it (none connected, only blacklisted or unfit ones) fails the task.
+2. assign: send the TaskAssignment to that worker's own subject; it acks.
+3. the worker streams progress and the result straight to the requester and
+   sends a TaskReport here; the task's record is written behind to Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import msgpack
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ObjectStoreConfig, StorageType
+
+from ..connections import BusUnavailable, connect
+from ..db import AttemptRecord, Database, JobRecorder, JobRow, Record, TaskUpdate
+from ..db.store import TRANSIENT_ERRORS, fetch_job_status
+from ..logs import get_logger
+from ..protocol import (
+    AssignmentAck,
+    CapacityNotice,
+    Dialect,
+    ErrorCode,
+    GenerateRequest,
+    JobAccepted,
+    JobCancel,
+    JobRejected,
+    JobStatus,
+    OfferReason,
+    ProtocolError,
+    RecruitCall,
+    RequestError,
+    ReservationRelease,
+    TaskAssigned,
+    TaskAssignment,
+    TaskHeartbeat,
+    TaskReport,
+    TaskResult,
+    TaskStatus,
+    WorkerAdvert,
+    WorkerOffer,
+    decode,
+    decode_request,
+    dialect_of,
+    encode,
+    events,
+    request_schema,
+)
+from ..protocol import subjects as s
+from ..protocol.events import Outbound
+from ..protocol.validation import MAX_SEED
+from ..settings import OrchestratorSettings
+from .blacklist import BlacklistCache
+from .capacity import CapacitySignal
+from .intake import Intake
+from .registry import Registry
+
+_BUS_TIMEOUTS = (TimeoutError, NatsTimeoutError)
+
+
+@dataclass
+class Job:
+    job_id: str
+    request: GenerateRequest
+    dialect: Dialect
+    inbox: str
+    seeds: list[int]
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    cancelled: bool = False
+    answered: set[int] = field(default_factory=set)  # images whose final answer is out
+
+
+class Outcome(StrEnum):
+    """How one assignment of a task to a worker ended."""
+
+    DONE = "done"
+    FAILED = "failed"  # the worker reported an error (already sent to the requester)
+    CANCELLED = "cancelled"
+    REFUSED = "refused"  # the worker did not acknowledge the assignment
+    LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
+    TIMEOUT = "timeout"  # it overran the task timeout
+
+
+@dataclass
+class Watch:
+    """An assigned task being watched: its worker's heartbeats and final report."""
+
+    worker_id: str
+    report: asyncio.Future[TaskReport]
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    step: int = 0
+
+
+@dataclass
+class RecruitRound:
+    offer: WorkerOffer | None
+    asks: int
+    declined: Counter[str]
+
+    @property
+    def saturated(self) -> bool:
+        """Some worker could take the task once a slot frees."""
+        return self.declined[OfferReason.BUSY] > 0
+
+
+class Orchestrator:
+    def __init__(self, settings: OrchestratorSettings) -> None:
+        self.settings = settings
+        self.id = settings.orchestrator_id
+        self.nc: Client | None = None
+        self.db: Database | None = None
+        self.recorder: JobRecorder | None = None
+        self.blacklist: BlacklistCache | None = None
+        self.capacity = CapacitySignal()
+        self._subscriptions: list[Subscription] = []
+        self.intake: Intake | None = None
+        self._watches: dict[tuple[str, int], Watch] = {}
+        self._running_jobs: dict[str, Job] = {}
+        self.registry = Registry(settings.registry_warm_s)
+        self._log = get_logger(orchestrator_id=self.id)
+
+    # --- life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.db = await Database.connect(self.settings.database_url)
+        applied = await self.db.migrate()
+        if applied:
+            self._log.info("database migrated", versions=applied)
+        self.blacklist = BlacklistCache(self.db)
+        await self.blacklist.start()
+        self.recorder = JobRecorder(self.db)
+        self.recorder.start()
+        self.nc = await connect(self.settings.bus, name=f"imagebus-orchestrator-{self.id}")
+        self._subscriptions = [
+            await self.nc.subscribe(s.report_subject(self.id), cb=self._on_report),
+            await self.nc.subscribe(s.heartbeat_subject(self.id), cb=self._on_heartbeat),
+            await self.nc.subscribe(s.CAPACITY_SUBJECT, cb=self._on_capacity),
+            await self.nc.subscribe(s.CANCEL_SUBJECT, cb=self._on_cancel),
+            await self.nc.subscribe(
+                s.ORCHESTRATOR_PING_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_ping
+            ),
+            await self.nc.subscribe(s.WORKER_ADVERT_SUBJECT, cb=self._on_advert),
+            await self.nc.subscribe(
+                s.WORKERS_QUERY_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_workers_query
+            ),
+            await self.nc.subscribe(
+                s.JOB_STATUS_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_job_status
+            ),
+            await self.nc.subscribe(
+                s.SCHEMA_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_schema
+            ),
+        ]
+        await self._ensure_results_bucket()
+        # Last, so nothing is taken before the orchestrator can serve it.
+        self.intake = Intake(
+            self.nc.jetstream(),
+            self._serve,
+            capacity=self.settings.max_concurrent_jobs,
+            ack_wait_s=self.settings.intake_ack_wait_s,
+            max_deliver=self.settings.intake_max_deliver,
+            max_age_s=self.settings.intake_max_age_s,
+        )
+        try:
+            await self.intake.start()
+        except nats.js.errors.ServiceUnavailableError:
+            raise BusUnavailable(
+                f"JetStream is not enabled on {self.settings.bus.nats_url}; "
+                "start nats-server with -js (imagebus keeps requests in a stream)"
+            ) from None
+        self._log.info("orchestrator ready", nats=self.settings.bus.nats_url)
+
+    async def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until no job is running here and every record is written (tests, tools).
+
+        A requester can hold its images before the orchestrator has heard the
+        workers' reports, so "the client got everything" does not mean "recorded".
+        """
+        deadline = time.monotonic() + timeout
+        while self.intake is not None and self.intake.running:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return self.recorder is None or await self.recorder.flush(
+            max(deadline - time.monotonic(), 0.1)
+        )
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests, let running jobs finish for `grace_s`, hand back the rest."""
+        if self.intake is not None:
+            await self.intake.stop(grace_s)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.recorder is not None:
+            await self.recorder.stop()
+        if self.blacklist is not None:
+            await self.blacklist.stop()
+        if self.db is not None:
+            await self.db.close()
+        self._log.info("orchestrator stopped")
+
+    # --- bus callbacks (they run one at a time, so keep them short) -----------------
+
+    async def _on_report(self, msg: Msg) -> None:
+        try:
+            report = decode(TaskReport, msg.data)
+        except ProtocolError as exc:
+            self._log.warning("malformed task report dropped", error=str(exc))
+            return
+        watch = self._watches.get((report.job_id, report.index))
+        if watch is None or watch.worker_id != report.worker_id or watch.report.done():
+            # A worker that was given up on finished after all: its result is a
+            # duplicate the requester drops. Keep a trace of it.
+            self._log.warning(
+                "late report of a re-assigned task",
+                job_id=report.job_id,
+                index=report.index,
+                worker_id=report.worker_id,
+            )
+            now = datetime.now(UTC)
+            self._record(
+                AttemptRecord(
+                    report.job_id, report.index, 0, report.worker_id, "late", now, now, report.error
+                )
+            )
+            return
+        watch.report.set_result(report)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = decode(TaskHeartbeat, msg.data)
+        except ProtocolError:
+            return
+        watch = self._watches.get((beat.job_id, beat.index))
+        if watch is not None and watch.worker_id == beat.worker_id:
+            watch.last_heartbeat = time.monotonic()
+            watch.step = beat.step
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(JobCancel, msg.data)
+        except ProtocolError:
+            return
+        job = self._running_jobs.get(cancel.job_id)
+        if job is not None and cancel.index is None:
+            self._log.info("job cancelled", job_id=job.job_id, reason=cancel.reason)
+            job.cancelled = True
+            self.capacity.notify(self.capacity.waiting)  # waiting tasks notice at once
+
+    async def _on_advert(self, msg: Msg) -> None:
+        try:
+            self.registry.update(decode(WorkerAdvert, msg.data))
+        except ProtocolError:
+            return
+
+    async def _on_workers_query(self, msg: Msg) -> None:
+        listing = [
+            {
+                "advert": dataclasses.asdict(advert),
+                "last_seen_s": round(age, 2),
+                "blacklisted": advert.worker_id in self._blacklist_ids(),
+            }
+            for advert, age in self.registry.listing()
+        ]
+        await self._reply(msg, msgpack.packb(listing, use_bin_type=True))
+
+    async def _on_schema(self, msg: Msg) -> None:
+        await self._reply(msg, json.dumps(request_schema(self.settings.limits)).encode())
+
+    async def _on_job_status(self, msg: Msg) -> None:
+        job_id = msg.data.decode(errors="replace").strip()
+        try:
+            assert self.db is not None
+            found = await fetch_job_status(self.db, job_id)
+        except TRANSIENT_ERRORS as exc:
+            await self._reply(msg, f"the database is unreachable: {exc}".encode(), "unavailable")
+            return
+        if found is None:
+            await self._reply(msg, f"no job {job_id!r}".encode(), "not_found")
+            return
+        job, tasks, attempts = found
+        tasks_status = []
+        for row in tasks:
+            watch = self._watches.get((job_id, row["task_index"]))
+            tasks_status.append(
+                TaskStatus(
+                    index=row["task_index"],
+                    seed=row["seed"],
+                    state=row["state"],
+                    worker_id=row["worker_id"],
+                    seconds=row["seconds"],
+                    error=row["error"],
+                    attempts=attempts.get(row["task_index"], 0),
+                    step=watch.step if watch else 0,
+                    steps=job["steps"],
+                )
+            )
+        status = JobStatus(
+            job_id=job_id,
+            state=job["state"],
+            n=job["n"],
+            succeeded=sum(t.state == "done" for t in tasks_status),
+            failed=sum(t.state == "failed" for t in tasks_status),
+            prompt=job["prompt"],
+            created_at=job["created_at"].isoformat(),
+            finished_at=job["finished_at"].isoformat() if job["finished_at"] else None,
+            tasks=tasks_status,
+        )
+        await self._reply(msg, encode(status))
+
+    async def _reply(self, msg: Msg, payload: bytes, error_code: str | None = None) -> None:
+        if msg.reply and self.nc is not None:
+            headers = {s.HEADER_ERROR_CODE: error_code} if error_code else None
+            await self.nc.publish(msg.reply, payload, headers=headers)
+
+    async def _ensure_results_bucket(self) -> None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        try:
+            await js.object_store(s.RESULTS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            config = ObjectStoreConfig(
+                bucket=s.RESULTS_BUCKET,
+                ttl=self.settings.results_ttl_s,
+                storage=StorageType.FILE,
+                description="imagebus results, for `imagebus job fetch`",
+            )
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
+                await js.create_object_store(s.RESULTS_BUCKET, config=config)
+
+    async def _on_ping(self, msg: Msg) -> None:
+        await self._reply(msg, self.id.encode())
+
+    async def _on_capacity(self, msg: Msg) -> None:
+        try:
+            notice = decode(CapacityNotice, msg.data)
+        except ProtocolError:
+            return
+        if notice.worker_id not in self._blacklist_ids():
+            self.capacity.notify(max(notice.free_slots, 1))
+
+    # --- serving one job -------------------------------------------------------------
+
+    async def _serve(self, msg: Msg, job_id: str) -> None:
+        """Serve one request (called by the intake, which acks it when this returns)."""
+        headers = msg.headers or {}
+        inbox = headers.get(s.HEADER_IMAGE_INBOX, "")
+        dialect = dialect_of(headers)
+        if not s.is_valid_inbox(inbox):
+            # Without an inbox there is nowhere to answer: log it and move on.
+            self._log.warning("request dropped: no valid imageInbox header", inbox=inbox[:80])
+            return
+        try:
+            request = decode_request(msg.data, dialect, self.settings.limits)
+        except RequestError as exc:
+            self._log.info("request rejected", error=str(exc), field=exc.field, inbox=inbox)
+            rejection = JobRejected(error=str(exc), code=ErrorCode.INVALID_REQUEST, field=exc.field)
+            await self._send(events.rejected(dialect, inbox, rejection))
+            return
+
+        job = Job(
+            job_id=job_id,
+            request=request,
+            dialect=dialect,
+            inbox=inbox,
+            seeds=_seeds(request, job_id),
+        )
+        log = self._log.bind(job_id=job.job_id)
+        log.info(
+            "job accepted", n=request.n, dialect=dialect.value, prompt=request.params.prompt[:80]
+        )
+        self._record(_job_row(job, self.id))
+        await self._send(
+            events.accepted(dialect, inbox, JobAccepted(job.job_id, request.n, job.seeds))
+        )
+        if job.job_id in self._running_jobs:
+            # Redelivered while still running here (this orchestrator was cut off for
+            # longer than the ack wait): the first copy goes on serving it.
+            log.warning("request redelivered while still being served here; ignored")
+            return
+        self._running_jobs[job.job_id] = job
+        tasks = [asyncio.create_task(self._run_task(job, i)) for i in range(request.n)]
+        try:
+            _, unfinished = await asyncio.wait(tasks, timeout=request.job_timeout_s)
+            if unfinished:
+                await self._end_job_on_timeout(job, unfinished)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            del self._running_jobs[job.job_id]
+        log.info("job finished")
+
+    async def _end_job_on_timeout(self, job: Job, unfinished: set[asyncio.Task[None]]) -> None:
+        """The job timeout struck: keep the images made, fail and stop the rest."""
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        error = f"the job did not finish within its job timeout of {job.request.job_timeout_s:g}s"
+        for index in range(job.request.n):
+            if index not in job.answered:
+                # Quietly stop a worker still on it; the requester hears it from here.
+                await self._publish_cancel(JobCancel(job.job_id, index, "job timeout"))
+                await self._fail_task(job, index, error, ErrorCode.JOB_TIMEOUT)
+        self._log.warning("job timed out", job_id=job.job_id, unanswered=len(unfinished))
+
+    async def _run_task(self, job: Job, index: int) -> None:
+        """Recruit, assign and watch one image until it is answered, one way or another."""
+        try:
+            await self._dispatch(job, index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still answer the requester, and say so
+            self._log.exception("task crashed", job_id=job.job_id, index=index)
+            if index not in job.answered:
+                await self._fail_task(job, index, f"internal error: {exc!r}", ErrorCode.INTERNAL)
+
+    async def _dispatch(self, job: Job, index: int) -> None:
+        log = self._log.bind(job_id=job.job_id, index=index)
+        params = job.request.params
+        requirements = job.request.requirements
+        call = RecruitCall(
+            job_id=job.job_id,
+            index=index,
+            orchestrator_id=self.id,
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            model=params.model,
+            device=requirements.device,
+            min_vram_gb=requirements.min_vram_gb,
+        )
+        unfit = self.registry.unfit_everywhere(call, self._blacklist_ids())
+        if unfit is not None:
+            # No registered worker could ever take it: say so now, not after a wait.
+            log.warning("task failed: no fitting worker", error=unfit)
+            await self._fail_task(job, index, unfit, ErrorCode.NO_FITTING_WORKER)
+            return
+        queue_timeout = job.request.queue_timeout_s or self.settings.queue_timeout_s
+        deadline = time.monotonic() + queue_timeout
+        asks = 0
+        lost = 0  # assignments whose worker died or overran
+        while True:
+            if job.cancelled:
+                await self._fail_task(job, index, "cancelled by the requester", ErrorCode.CANCELLED)
+                return
+            round_ = await self._recruit(call)
+            asks += round_.asks
+            offer = round_.offer
+            if offer is not None:
+                outcome = await self._attempt(job, index, offer, asks, attempt=lost + 1)
+                if outcome in (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED):
+                    job.answered.add(index)
+                    return
+                if outcome is Outcome.REFUSED and time.monotonic() < deadline:
+                    asks += 1
+                    continue  # the worker did not take it: recruit again
+                if outcome is Outcome.REFUSED:
+                    error = f"no worker took the image within {queue_timeout:g}s"
+                    await self._fail_task(job, index, error, ErrorCode.QUEUE_TIMEOUT)
+                    return
+                lost += 1
+                if lost > self.settings.max_reassignments:
+                    error = (
+                        f"gave up after {lost} workers failed to finish the image "
+                        f"(last: {offer.worker_id}, {outcome.value})"
+                    )
+                    code = (
+                        ErrorCode.WORKER_LOST if outcome is Outcome.LOST else ErrorCode.TASK_TIMEOUT
+                    )
+                    log.warning("task failed", error=error)
+                    await self._fail_task(job, index, error, code, worker_id=offer.worker_id)
+                    return
+                log.warning("re-assigning task", reason=outcome.value, worker_id=offer.worker_id)
+                deadline = time.monotonic() + queue_timeout
+                continue
+            remaining = deadline - time.monotonic()
+            # Wait for a slot if the pool is merely busy, if this task's worker was
+            # lost (its replacement may be restarting right now), or if a fitting
+            # worker is registered but the queue group kept picking unfit ones.
+            worth_waiting = (
+                round_.saturated
+                or lost
+                or self.registry.fits_somewhere(call, self._blacklist_ids())
+            )
+            if worth_waiting and remaining > 0:
+                await self.capacity.wait(min(remaining, 1.0))
+                continue
+            if worth_waiting:
+                error = f"no worker slot freed up within {queue_timeout:g}s"
+                code = ErrorCode.QUEUE_TIMEOUT
+            else:
+                error = f"no worker available after {asks} attempts ({_describe(round_.declined)})"
+                code = ErrorCode.NO_WORKER
+            log.warning("task failed: no worker", error=error, attempts=asks)
+            await self._fail_task(job, index, error, code, attempts=asks)
+            return
+
+    async def _recruit(self, call: RecruitCall) -> RecruitRound:
+        assert self.nc is not None
+        declined: Counter[str] = Counter()
+        payload = encode(call)
+        for ask in range(1, self.settings.max_attempts + 1):
+            try:
+                reply = await self.nc.request(
+                    s.RECRUIT_SUBJECT, payload, timeout=self.settings.recruit_timeout_s
+                )
+            except NoRespondersError:
+                declined["no worker connected"] += 1
+                # Workers may be starting: back off a little before asking again.
+                await asyncio.sleep(min(0.05 * 2 ** (ask - 1), 0.5))
+                continue
+            except _BUS_TIMEOUTS:
+                declined["no answer"] += 1
+                continue
+            try:
+                offer = decode(WorkerOffer, reply.data)
+            except ProtocolError:
+                declined["malformed answer"] += 1
+                continue
+            if not s.is_valid_worker_id(offer.worker_id):
+                declined["invalid worker id"] += 1
+                continue
+            if not offer.willing:
+                declined[offer.reason or OfferReason.BUSY] += 1
+                continue
+            if offer.worker_id in self._blacklist_ids():
+                declined["blacklisted"] += 1
+                await self._release(offer)
+                continue
+            return RecruitRound(offer, ask, declined)
+        return RecruitRound(None, self.settings.max_attempts, declined)
+
+    async def _attempt(
+        self, job: Job, index: int, offer: WorkerOffer, asks: int, attempt: int
+    ) -> Outcome:
+        """Assign the task to `offer`'s worker and watch it until it ends.
+
+        The worker must ack the assignment, then send a heartbeat at least every
+        `heartbeat_timeout_s` until its report arrives, within `task_timeout_s`.
+        """
+        assert self.nc is not None
+        key = (job.job_id, index)
+        assignment = TaskAssignment(
+            job_id=job.job_id,
+            index=index,
+            seed=job.seeds[index],
+            params=job.request.params_for(index),
+            reply_inbox=job.inbox,
+            dialect=job.dialect.value,
+            reservation_id=offer.reservation_id or "",
+            report_subject=s.report_subject(self.id),
+            heartbeat_subject=s.heartbeat_subject(self.id),
+        )
+        watch = Watch(offer.worker_id, asyncio.get_running_loop().create_future())
+        self._watches[key] = watch  # before assigning: a fast worker may report at once
+        log = self._log.bind(job_id=job.job_id, index=index, worker_id=offer.worker_id)
+        try:
+            reply = await self.nc.request(
+                s.worker_assign_subject(offer.worker_id),
+                encode(assignment),
+                timeout=self.settings.assign_timeout_s,
+            )
+            ack = decode(AssignmentAck, reply.data)
+        except (*_BUS_TIMEOUTS, NoRespondersError, ProtocolError) as exc:
+            self._watches.pop(key, None)
+            log.warning("assignment not acknowledged; recruiting again", error=repr(exc))
+            return Outcome.REFUSED
+        if not ack.accepted:
+            self._watches.pop(key, None)
+            log.warning("assignment refused; recruiting again", reason=ack.reason)
+            return Outcome.REFUSED
+
+        started_at = datetime.now(UTC)
+        log.info("task assigned", attempts=asks, attempt=attempt)
+        assigned_event = TaskAssigned(job.job_id, index, offer.worker_id)
+        await self._send(events.assigned(job.dialect, job.inbox, assigned_event))
+        self._record(
+            TaskUpdate(
+                job.job_id,
+                index,
+                "running",
+                worker_id=offer.worker_id,
+                recruit_attempts=asks,
+                assigned_at=started_at,
+            )
+        )
+        try:
+            outcome, report = await self._watch(
+                watch, job.request.task_timeout_s or self.settings.task_timeout_s
+            )
+        finally:
+            self._watches.pop(key, None)
+        error = report.error if report else f"worker {outcome.value}"
+        self._record(
+            AttemptRecord(
+                job.job_id, index, attempt, offer.worker_id, outcome.value, started_at,
+                datetime.now(UTC), error if outcome is not Outcome.DONE else None,
+            )
+        )  # fmt: skip
+        if report is None:
+            # Lost or overran: make sure it stops and frees its slot, then re-assign.
+            await self._publish_cancel(JobCancel(job.job_id, index, f"re-assigned: {outcome}"))
+            return outcome
+        state = "done" if report.ok else "failed"
+        log.info("task finished", state=state, seconds=round(report.seconds, 3), error=report.error)
+        self._record(
+            TaskUpdate(
+                job.job_id,
+                index,
+                state,
+                worker_id=report.worker_id,
+                finished_at=datetime.now(UTC),
+                seconds=report.seconds,
+                error=report.error,
+                error_code=report.code,
+            )
+        )
+        return outcome
+
+    async def _watch(self, watch: Watch, task_timeout: float) -> tuple[Outcome, TaskReport | None]:
+        deadline = time.monotonic() + task_timeout
+        while True:
+            check_in = min(
+                self.settings.heartbeat_timeout_s / 2, max(deadline - time.monotonic(), 0)
+            )
+            try:
+                report = await asyncio.wait_for(asyncio.shield(watch.report), check_in)
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= deadline:
+                    return Outcome.TIMEOUT, None
+                if now - watch.last_heartbeat > self.settings.heartbeat_timeout_s:
+                    return Outcome.LOST, None
+                continue
+            if report.code == ErrorCode.CANCELLED:
+                return Outcome.CANCELLED, report
+            return (Outcome.DONE if report.ok else Outcome.FAILED), report
+
+    async def _fail_task(
+        self,
+        job: Job,
+        index: int,
+        error: str,
+        code: ErrorCode,
+        *,
+        attempts: int | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        job.answered.add(index)
+        result = TaskResult(
+            job_id=job.job_id,
+            index=index,
+            ok=False,
+            seed=job.seeds[index],
+            worker_id=worker_id,
+            error=error,
+            code=code,
+        )
+        await self._send(events.result(job.dialect, job.inbox, result))
+        self._record(
+            TaskUpdate(
+                job.job_id,
+                index,
+                "failed",
+                worker_id=worker_id,
+                recruit_attempts=attempts,
+                finished_at=datetime.now(UTC),
+                error=error,
+                error_code=code,
+            )
+        )
+
+    # --- helpers -------------------------------------------------------------------
+
+    async def _release(self, offer: WorkerOffer) -> None:
+        if offer.reservation_id and self.nc is not None:
+            release = ReservationRelease(offer.reservation_id)
+            await self.nc.publish(s.worker_release_subject(offer.worker_id), encode(release))
+
+    async def _publish_cancel(self, cancel: JobCancel) -> None:
+        if self.nc is not None:
+            await self.nc.publish(s.CANCEL_SUBJECT, encode(cancel))
+
+    async def _send(self, out: Outbound | None) -> None:
+        if out is not None and self.nc is not None:
+            await self.nc.publish(out.subject, out.payload, headers=out.headers)
+
+    def _record(self, record: Record) -> None:
+        if self.recorder is not None:
+            self.recorder.add(record)
+
+    def _blacklist_ids(self) -> frozenset[str]:
+        return self.blacklist.ids if self.blacklist is not None else frozenset()
+
+
+def _seeds(request: GenerateRequest, job_id: str) -> list[int]:
+    """One seed per image: consecutive from the given seed, else derived from the job id
+    (random-looking, and the same if the request is redelivered and served again)."""
+    if request.seed is not None:
+        return [request.seed + i for i in range(request.n)]
+    return [
+        int.from_bytes(hashlib.sha256(f"{job_id}:{i}".encode()).digest()[:4], "big") & MAX_SEED
+        for i in range(request.n)
+    ]
+
+
+def _job_row(job: Job, orchestrator_id: str) -> JobRow:
+    params = job.request.params
+    return JobRow(
+        job_id=job.job_id,
+        orchestrator_id=orchestrator_id,
+        dialect=job.dialect.value,
+        inbox=job.inbox,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        model=params.model,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance=params.guidance,
+        n=job.request.n,
+        created_at=job.created_at,
+        seeds=job.seeds,
+    )
+
+
+def _describe(declined: Counter[str]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in declined.most_common()) or "none"
