@@ -1,0 +1,262 @@
+"""The diffusion engine: one model, loaded once, generating one image per call.
+
+This is the only module of the worker that imports torch and diffusers. Calls
+to `generate` block (run them in a thread) and may run concurrently, one per
+slot (see DiffusionEngine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..logs import get_logger
+from ..protocol import ImageParams
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+# Document-worthy defaults: a small CPU model in the spirit of ByteNite's CPU
+# app, and a fast GPU model (gated: accept its licence and set HF_TOKEN).
+CPU_MODEL_EXAMPLE = "nota-ai/bk-sdm-tiny"
+GPU_MODEL_EXAMPLE = "black-forest-labs/FLUX.1-schnell"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says what to do about it."""
+
+
+class GenerationCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    png: bytes
+    width: int
+    height: int
+    seconds: float
+
+
+class DiffusionEngine:
+    """A model's weights, loaded once, and one private pipeline object per slot.
+
+    The weights (torch modules) are shared. Everything else a pipeline holds is
+    mutable per-run state that concurrent runs corrupt: the scheduler (timesteps,
+    step index) and the fast tokenizer (its padding and truncation settings; two
+    threads tokenising at once were measured to produce mismatched embeddings
+    and crash). So each slot gets its own copies of those, and a run borrows a
+    slot's pipeline for its whole duration.
+    """
+
+    def __init__(self, model: str, pipeline: Any, device: str, slots: int = 1) -> None:
+        self.model = model
+        self.device = device
+        self.gpu_name, self.vram_gb = _gpu(device)
+        self._accepts = set(inspect.signature(pipeline.__call__).parameters)
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(max(slots, 1)):
+            self._idle.put(_private_pipeline(pipeline))
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model]
+
+    def generate(
+        self,
+        params: ImageParams,
+        seed: int,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        """Generate one image (blocking: call it from a thread)."""
+        import torch
+
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {
+            "prompt": params.prompt,
+            "width": params.width,
+            "height": params.height,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance,
+            # A CPU generator gives the same image for a seed on any device.
+            "generator": torch.Generator("cpu").manual_seed(seed),
+            "output_type": "pil",
+        }
+        if params.negative_prompt:
+            if "negative_prompt" not in self._accepts:
+                raise ValueError(f"model {self.model!r} does not support negative_prompt")
+            kwargs["negative_prompt"] = params.negative_prompt
+        pipeline = self._idle.get()
+        try:
+            with _counting_steps(pipeline.scheduler, params.steps, on_step, should_stop):
+                with torch.inference_mode():
+                    image = pipeline(**kwargs).images[0]
+        finally:
+            self._idle.put(pipeline)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return GeneratedImage(
+            buffer.getvalue(), image.width, image.height, time.perf_counter() - started
+        )
+
+
+class NoopEngine:
+    """For benchmarks only (`--model noop`): no model, a fixed 8x8 PNG after `seconds`.
+
+    It reports one step as it starts, so a benchmark can see when work began, and
+    sleeps rather than computes, so simulated workers cost no CPU.
+    """
+
+    model = "noop"
+    device = "cpu"
+    gpu_name: str | None = None
+    vram_gb: float | None = None
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        from PIL import Image
+
+        self.seconds = seconds
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (40, 90, 160)).save(buffer, format="PNG")
+        self._png = buffer.getvalue()
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model]
+
+    def generate(
+        self,
+        params: ImageParams,
+        seed: int,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        if on_step is not None:
+            on_step(1, params.steps)
+        if self.seconds:
+            time.sleep(self.seconds)
+        return GeneratedImage(self._png, 8, 8, self.seconds)
+
+
+# What a worker runs jobs on: a real diffusion model, or the benchmark stand-in.
+Engine = DiffusionEngine | NoopEngine
+
+
+def _gpu(device: str) -> tuple[str | None, float | None]:
+    """The GPU's name and memory in GiB, for the worker's advertisement."""
+    if not device.startswith("cuda"):
+        return None, None
+    import torch
+
+    properties = torch.cuda.get_device_properties(torch.device(device))
+    return properties.name, round(properties.total_memory / 2**30, 1)
+
+
+def _private_pipeline(base: Any) -> Any:
+    """A pipeline over `base`'s weights with its own copy of every stateful helper."""
+    import torch
+
+    components = {
+        name: value if isinstance(value, torch.nn.Module) else copy.deepcopy(value)
+        for name, value in base.components.items()
+    }
+    if "requires_safety_checker" in inspect.signature(type(base).__init__).parameters:
+        components["requires_safety_checker"] = base.config.requires_safety_checker
+    pipeline = type(base)(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@contextlib.contextmanager
+def _counting_steps(
+    scheduler: Any,
+    steps: int,
+    on_step: StepCallback | None,
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[None]:
+    """Report progress and honour cancellation at every denoising step.
+
+    Every diffusers pipeline calls `scheduler.step` once per step, so wrapping
+    it (on this run's private scheduler) works for any pipeline, and leaves the
+    pipeline's own `callback_on_step_end` free for users.
+    """
+    step = scheduler.step
+    done = 0
+
+    def counted_step(*args: Any, **kwargs: Any) -> Any:
+        nonlocal done
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled()
+        output = step(*args, **kwargs)
+        done += 1
+        if on_step is not None:
+            on_step(min(done, steps), steps)
+        return output
+
+    scheduler.step = counted_step
+    try:
+        yield
+    finally:
+        del scheduler.step  # back to the class's method
+
+
+def load_engine(
+    model: str, device: str = "cpu", torch_threads: int = 0, slots: int = 1
+) -> DiffusionEngine:
+    """Load `model` once: the built-in `tiny`, a local directory, or a Hugging Face id."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    log = get_logger(model=model, device=device)
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"--device {device} asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
+        )
+    started = time.perf_counter()
+    if model == "tiny":
+        from .tiny import build_tiny_pipeline
+
+        pipeline = build_tiny_pipeline()
+    else:
+        pipeline = _from_pretrained(model, device)
+    pipeline = pipeline.to(device)
+    log.info("model loaded", seconds=round(time.perf_counter() - started, 2))
+    return DiffusionEngine(model, pipeline, device, slots)
+
+
+def _from_pretrained(model: str, device: str) -> Any:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except Exception as exc:  # diffusers/hub raise many types; all mean "not loadable"
+        raise ModelLoadError(
+            f"cannot load model {model!r}: {type(exc).__name__}: {_first_line(exc)}\n"
+            "The weights are neither a local directory nor in the Hugging Face cache, and "
+            "the hub could not provide them. On a machine with internet access run\n"
+            f"    hf download {model}\n"
+            "(gated models such as FLUX.1-schnell need `hf auth login` or HF_TOKEN first), "
+            "then copy the cache (~/.cache/huggingface, or $HF_HOME) here, or pass the "
+            "downloaded directory as --model. For a test without weights use --model tiny."
+        ) from None
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
