@@ -1,0 +1,57 @@
+"""Generate images and save them, with progress bars: shared by `generate` and `request`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..protocol import DEFAULT_STEPS
+from .client import GeneratedImage, GenerationFailed, ImageBusClient
+from .progress import ProgressBars
+
+
+@dataclass
+class Outcome:
+    images: list[GeneratedImage] = field(default_factory=list)
+    saved: list[Path] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def generate_and_save(
+    client: ImageBusClient,
+    prompt: str,
+    out_dir: Path,
+    *,
+    n: int | None,
+    steps: int | None,
+    timeout: float | None,
+    show_progress: bool | None = None,
+    **options: object,
+) -> Outcome:
+    # The bars learn the real counts from the events; these are first guesses.
+    bars = ProgressBars(n or 1, steps or DEFAULT_STEPS, enabled=show_progress)
+    images: list[GeneratedImage]
+    outcome = Outcome()
+    try:
+        job = await client.submit(
+            prompt,
+            n=n,
+            steps=steps,
+            on_progress=bars.progress,
+            on_assigned=bars.assigned,
+            **options,  # type: ignore[arg-type]
+        )
+        try:
+            images = await job.wait(timeout)
+        except GenerationFailed as failed:
+            images = failed.images
+            outcome.failures = [f"image {f.index + 1}: {f.error}" for f in failed.failures]
+    finally:
+        bars.close()
+    outcome.images = images
+    outcome.saved = [image.save(out_dir) for image in images]
+    return outcome
