@@ -1,0 +1,86 @@
+"""The `imagebus` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from .conftest import Stack
+from .helpers import run_cli
+
+
+async def test_generate_writes_valid_pngs_of_the_requested_size(
+    stack: Stack, tmp_path: Path
+) -> None:
+    await stack.start_orchestrator()
+    workers = {(await stack.start_worker()).id for _ in range(2)}
+    code, stdout, stderr = await run_cli(
+        "generate", "a lighthouse at dusk", "-n", "3", "--width", "64", "--height", "48",
+        "--steps", "3", "--seed", "7", "--out", str(tmp_path), "--nats-url", stack.nats_url,
+        "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["seed"] for r in records] == [7, 8, 9]
+    assert {r["worker_id"] for r in records} <= workers
+    for record in records:
+        path = Path(record["path"])
+        assert path.parent == tmp_path
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            assert (image.format, image.size) == ("PNG", (64, 48))
+
+
+async def test_generate_exit_codes(stack: Stack, tmp_path: Path) -> None:
+    await stack.start_orchestrator(max_attempts=2)
+    out = tmp_path / "out"
+    url = ["--nats-url", stack.nats_url, "--out", str(out)]
+    code, _, stderr = await run_cli("generate", "x", "--width", "65", *url)
+    assert code == 2 and "width must be a multiple of 8" in stderr
+    code, _, stderr = await run_cli("generate", "x", "--width", "64", "--height", "64", *url)
+    assert code == 1 and "no worker available" in stderr  # no worker is running
+    assert not out.exists()
+    code, _, stderr = await run_cli("generate", "x", "--nats-url", "nats://127.0.0.1:1")
+    assert code == 3 and "cannot reach NATS" in stderr
+
+
+async def test_blacklist_commands(database_url: str) -> None:
+    db = ["--database-url", database_url]
+    code, stdout, _ = await run_cli("blacklist", "list", *db)
+    assert code == 0 and stdout.startswith("blacklisted-worker\t")
+    code, stdout, _ = await run_cli("blacklist", "add", "rogue-7", "--reason", "bad images", *db)
+    assert code == 0 and "rogue-7 blacklisted" in stdout
+    code, stdout, _ = await run_cli("blacklist", "list", *db)
+    assert "rogue-7\t" in stdout and "bad images" in stdout
+    code, stdout, _ = await run_cli("blacklist", "remove", "rogue-7", *db)
+    assert code == 0
+    code, _, stderr = await run_cli("blacklist", "remove", "rogue-7", *db)
+    assert code == 1 and "not blacklisted" in stderr
+    code, _, stderr = await run_cli("blacklist", "add", *db)
+    assert code == 2 and "worker id is required" in stderr
+
+
+async def test_worker_with_unavailable_model_fails_with_a_clear_message(nats_url: str) -> None:
+    code, _, stderr = await run_cli(
+        "worker", "--model", "nota-ai/bk-sdm-tiny", "--nats-url", nats_url, timeout=180
+    )
+    assert code == 2
+    assert "cannot load model 'nota-ai/bk-sdm-tiny'" in stderr
+    assert "hf download nota-ai/bk-sdm-tiny" in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_worker_refuses_an_id_already_in_use(stack: Stack) -> None:
+    await stack.start_worker("taken-id")
+    code, _, stderr = await run_cli(
+        "worker", "--worker-id", "taken-id", "--nats-url", stack.nats_url
+    )
+    assert code == 2 and "already used by a running worker" in stderr
+
+
+async def test_help_for_every_command() -> None:
+    for command in ["up", "orchestrator", "worker", "request", "generate", "blacklist"]:
+        code, stdout, _ = await run_cli(command, "--help")
+        assert code == 0 and stdout.startswith(f"usage: imagebus {command}")

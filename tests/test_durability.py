@@ -1,0 +1,107 @@
+"""Durable intake and high availability: requests survive orchestrator loss."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sys
+
+import pytest
+from PIL import Image
+
+from imagebus.requester import ImageBusClient
+
+from .conftest import Stack
+from .helpers import SETTLE_S, wait_for_orchestrator
+
+pytestmark = pytest.mark.faults
+
+
+async def test_request_published_while_no_orchestrator_runs_is_served_later(stack: Stack) -> None:
+    first = await stack.start_orchestrator()  # sets up the request stream
+    await first.stop()
+    stack.orchestrators.remove(first)
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit("patience", width=64, height=64, steps=2)
+        await asyncio.sleep(1.0)
+        assert not job.done
+        await stack.start_worker()
+        await stack.start_orchestrator()
+        images = await job.wait(30)
+    assert len(images) == 1
+
+
+async def _spawn_orchestrator(stack: Stack) -> asyncio.subprocess.Process:
+    env = {**os.environ, "IMAGEBUS_INTAKE_ACK_WAIT": "2", "IMAGEBUS_LOG_LEVEL": "warning"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagebus", "orchestrator",
+        "--nats-url", stack.nats_url, "--database-url", stack.database_url,
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_killing_the_orchestrator_mid_run_loses_nothing(stack: Stack) -> None:
+    for _ in range(3):
+        await stack.start_worker()
+    orchestrator = await _spawn_orchestrator(stack)
+    await wait_for_orchestrator(stack.nats_url)
+    try:
+        async with ImageBusClient(stack.nats_url) as client:
+            jobs = [
+                await client.submit(f"request {i}", width=64, height=64, steps=20)
+                for i in range(20)
+            ]
+            while sum(job.done for job in jobs) < 3:
+                await asyncio.sleep(0.05)
+            orchestrator.send_signal(signal.SIGKILL)
+            await orchestrator.wait()
+            done_before_restart = sum(job.done for job in jobs)
+            orchestrator = await _spawn_orchestrator(stack)
+            results = await asyncio.gather(*(job.wait(120) for job in jobs))
+    finally:
+        if orchestrator.returncode is None:
+            orchestrator.send_signal(signal.SIGTERM)
+            await orchestrator.wait()
+    assert done_before_restart < 20
+    for (image,) in results:
+        with Image.open(io.BytesIO(image.png)) as png:
+            assert png.size == (64, 64)
+    print(f"\norchestrator killed after {done_before_restart}/20 answered; all 20 answered")
+
+
+async def test_two_orchestrators_never_double_book_or_double_deliver(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_orchestrator()
+    workers = [await stack.start_worker() for _ in range(4)]
+    async with ImageBusClient(stack.nats_url) as client:
+        jobs = [
+            await client.submit(f"load {i}", n=2, width=64, height=64, steps=3) for i in range(30)
+        ]
+        results = await asyncio.gather(*(job.wait(120) for job in jobs))
+    assert [len(images) for images in results] == [2] * 30
+    assert sum(job.duplicates for job in jobs) == 0
+    assert all(w.peak_running <= w.settings.slots for w in workers)
+    for orchestrator in stack.orchestrators:
+        assert await orchestrator.settle(SETTLE_S)
+    served = [o.intake.served for o in stack.orchestrators]  # type: ignore[union-attr]
+    assert sum(served) == 30 and all(count > 0 for count in served), served
+    assert sum(w.tasks_done for w in workers) == 60
+
+
+async def test_a_stopping_orchestrator_hands_unfinished_jobs_to_another(stack: Stack) -> None:
+    leaving = await stack.start_orchestrator()
+    await stack.start_worker()
+    started = asyncio.Event()
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit(
+            "hand over", n=3, width=128, height=128, steps=40, on_progress=lambda p: started.set()
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        await leaving.stop(grace_s=0.2)  # what SIGTERM does, with a short grace
+        stack.orchestrators.remove(leaving)
+        assert not job.done
+        await stack.start_orchestrator()
+        images = await job.wait(120)
+    assert len(images) == 3

@@ -1,0 +1,250 @@
+"""The job model: replicas, routing, the worker registry, collected results, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imagebus.protocol import request_schema
+from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
+from imagebus.settings import BusSettings, WorkerSettings
+from imagebus.worker import Worker
+
+from .conftest import Stack
+from .helpers import SETTLE_S, collect, raw_client, run_cli
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+async def test_sixteen_replicas_over_four_workers_each_with_its_seed(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    workers = [await stack.start_worker() for _ in range(4)]
+    async with ImageBusClient(stack.nats_url) as client:
+        images = await client.generate(
+            "replicas", n=16, seed=100, width=64, height=64, steps=3, timeout=120
+        )
+    assert [image.seed for image in images] == list(range(100, 116))
+    assert {image.worker_id for image in images} == {w.id for w in workers}
+    assert len({image.png for image in images}) == 16
+    assert all(_png_size(image.png) == (64, 64) for image in images)
+
+
+async def test_one_prompt_per_replica(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit(["a cat", "a dog", "a cow"], seed=5, width=64, height=64, steps=2)
+        images = await job.wait(60)
+        same_prompt = await client.generate("a cat", seed=5, width=64, height=64, steps=2)
+    assert job.n == 3 and len(images) == 3
+    assert images[0].png == same_prompt[0].png  # replica 0 used "a cat" with seed 5
+
+
+async def _warm(stack: Stack, workers: int) -> None:
+    """Wait until the orchestrator's registry has heard every worker and is warm."""
+    orchestrator = stack.orchestrators[0]
+    for _ in range(100):
+        if len(orchestrator.registry.live()) >= workers:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(orchestrator.settings.registry_warm_s)
+
+
+async def test_a_model_no_worker_holds_fails_fast_naming_the_model(stack: Stack) -> None:
+    await stack.start_orchestrator(registry_warm_s=0.2)
+    await stack.start_worker()
+    await _warm(stack, 1)
+    async with ImageBusClient(stack.nats_url) as client:
+        started = time.monotonic()
+        with pytest.raises(GenerationFailed) as failed:
+            await client.generate("x", model="stabilityai/sdxl-turbo", width=64, height=64)
+        waited = time.monotonic() - started
+    failure = failed.value.failures[0]
+    assert failure.code == "no_fitting_worker"
+    assert "'stabilityai/sdxl-turbo'" in (failure.error or "") and "tiny" in (failure.error or "")
+    assert waited < 30  # not after a queue timeout (600 s by default)
+
+
+async def test_a_cuda_request_is_never_given_to_a_cpu_worker(stack: Stack) -> None:
+    await stack.start_orchestrator(registry_warm_s=0.2)
+    cpu_workers = [await stack.start_worker() for _ in range(2)]
+    await _warm(stack, 2)
+    async with ImageBusClient(stack.nats_url) as client:
+        with pytest.raises(GenerationFailed) as failed:
+            await client.generate("x", n=3, device="cuda", width=64, height=64, steps=2)
+        # A CPU request on the same pool is served.
+        assert len(await client.generate("y", device="cpu", width=64, height=64, steps=2)) == 1
+    assert {f.code for f in failed.value.failures} == {"no_fitting_worker"}
+    assert "device 'cuda'" in (failed.value.failures[0].error or "")
+    for _ in range(40):  # the worker counts a task once it has also stored the image
+        if sum(w.tasks_done for w in cpu_workers) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(w.tasks_done for w in cpu_workers) == 1  # only the CPU request ran
+
+
+async def test_recruitment_itself_refuses_unfit_workers(stack: Stack) -> None:
+    # Before the registry is warm, the workers' own answers keep a cuda job off them.
+    await stack.start_orchestrator(max_attempts=3, registry_warm_s=3600)
+    worker = await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        with pytest.raises(GenerationFailed) as failed:
+            await client.generate("x", device="cuda", min_vram_gb=8, width=64, height=64)
+    assert "3 device" in (failed.value.failures[0].error or "")
+    assert worker.tasks_done == 0
+
+
+async def test_requester_may_leave_and_fetch_the_images_later(stack: Stack, tmp_path: Path) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit("later", n=3, width=64, height=48, steps=4)
+        while job.job_id is None:
+            await asyncio.sleep(0.01)
+    job_id = job.job_id  # the requester has disconnected
+
+    async with ImageBusClient(stack.nats_url) as client:
+        status = await client.wait_job(job_id, timeout=60)
+        images = await client.fetch(job_id)
+    assert (status.state, status.succeeded, status.n) == ("done", 3, 3)
+    assert sorted(images) == [0, 1, 2]
+    assert all(_png_size(png) == (64, 48) for png in images.values())
+
+    code, stdout, stderr = await run_cli(
+        "job", "fetch", job_id, "--zip", "--out", str(tmp_path), "--nats-url", stack.nats_url
+    )
+    assert code == 0, stderr
+    with zipfile.ZipFile(stdout.strip()) as archive:
+        names = sorted(archive.namelist())
+        assert names == [f"{job_id}-{i}.png" for i in range(3)]
+        assert all(_png_size(archive.read(name)) == (64, 48) for name in names)
+    code, stdout, _ = await run_cli("job", "status", job_id, "--nats-url", stack.nats_url)
+    assert code == 0 and f"job {job_id}: done, 3 of 3 images done" in stdout
+
+
+async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: Stack) -> None:
+    orchestrator = await stack.start_orchestrator()
+    await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        started = time.monotonic()
+        await client.generate("calibrate", width=64, height=64, steps=60, timeout=60)
+        one_image_s = time.monotonic() - started
+        # Room for the first of two images, not for the second (one worker, one slot).
+        job = await client.submit(
+            "timed", n=2, width=64, height=64, steps=60, job_timeout=1.5 * one_image_s
+        )
+        with pytest.raises(GenerationFailed) as failed:
+            await job.wait(60)
+        assert job.job_id is not None
+        assert await orchestrator.settle(SETTLE_S)
+        status = await client.job_status(job.job_id)
+        kept = await client.fetch(job.job_id)
+    assert len(failed.value.images) == 1
+    assert [f.code for f in failed.value.failures] == ["job_timeout"]
+    assert (status.state, status.succeeded, status.failed) == ("partial", 1, 1)
+    assert list(kept) == [failed.value.images[0].index]
+
+
+async def test_a_preset_fills_in_what_the_request_leaves_out(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    steps: list[int] = []
+    async with ImageBusClient(stack.nats_url) as client:
+        (image,) = await client.generate(
+            "preset", preset="tiny", width=32, on_progress=lambda p: steps.append(p.step)
+        )
+    assert _png_size(image.png) == (32, 64)  # width overridden, height from the preset
+    assert steps == [1, 2, 3, 4]  # the preset's 4 steps
+
+
+async def test_workers_are_listed_with_their_state(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker("listed-worker")
+    await stack.start_worker("blacklisted-worker")
+    await _warm(stack, 2)
+    async with ImageBusClient(stack.nats_url) as client:
+        await client.generate("count me", width=64, height=64, steps=2)
+        await asyncio.sleep(2.5)  # the next advertisement carries the count
+        listing = {item.advert.worker_id: item for item in await client.workers()}
+    assert listing["listed-worker"].advert.models == ["tiny"]
+    assert listing["listed-worker"].advert.device == "cpu"
+    assert listing["listed-worker"].advert.tasks_done == 1
+    assert not listing["listed-worker"].blacklisted
+    assert listing["blacklisted-worker"].blacklisted
+    code, stdout, _ = await run_cli("workers", "--nats-url", stack.nats_url)
+    assert code == 0 and "listed-worker" in stdout and "BLACKLISTED" in stdout
+
+
+async def test_the_schema_is_served_over_the_bus(stack: Stack) -> None:
+    orchestrator = await stack.start_orchestrator()
+    async with ImageBusClient(stack.nats_url) as client:
+        schema = await client.schema()
+    assert schema == json.loads(json.dumps(request_schema(orchestrator.settings.limits)))
+    code, stdout, _ = await run_cli("schema", "--from-bus", "--nats-url", stack.nats_url)
+    assert code == 0 and json.loads(stdout) == schema
+
+
+async def test_a_worker_may_hold_several_models(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    worker = Worker(
+        WorkerSettings(worker_id="two-models", model="tiny,noop", bus=BusSettings(stack.nats_url))
+    )
+    await worker.start()
+    stack.workers.append(worker)
+    async with ImageBusClient(stack.nats_url) as client:
+        (tiny,) = await client.generate("a", model="tiny", width=64, height=64, steps=2)
+        (noop,) = await client.generate("b", model="noop", width=64, height=64, steps=2)
+        (default,) = await client.generate("c", width=64, height=64, steps=2)
+    assert worker.models == ["tiny", "noop"]
+    assert _png_size(tiny.png) == (64, 64)
+    assert _png_size(noop.png) == (8, 8)  # the noop engine's fixed image
+    assert _png_size(default.png) == (64, 64)  # the first model serves requests naming none
+
+
+async def test_bad_text_is_rejected_before_it_reaches_postgres(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    async with ImageBusClient(stack.nats_url) as client:
+        with pytest.raises(ImageBusError) as rejected:
+            await client.generate("nul \x00 inside", width=64, height=64, timeout=10)
+        assert rejected.value.field == "prompt"
+    # A lone surrogate cannot even be encoded by the client; JSON can carry one.
+    nc = await raw_client(stack.nats_url)
+    try:
+        inbox = nc.new_inbox()
+        _, queue = await collect(nc, inbox)
+        body = b'{"prompt": "lone \\ud800 surrogate", "width": 64, "height": 64}'
+        await nc.publish("img-gen", body, headers={"imageInbox": inbox})
+        result = await asyncio.wait_for(queue.get(), 10)
+    finally:
+        await nc.close()
+    assert result.headers["success"] == "false"
+    assert "not valid text" in result.data.decode()
+
+
+async def test_a_lone_fitting_worker_among_unfit_ones_is_found(stack: Stack) -> None:
+    # The queue group answers at random; with 2 asks a round, rounds mostly meet unfit
+    # workers. The registry knows a fitting one exists, so the task keeps trying.
+    await stack.start_orchestrator(max_attempts=2, registry_warm_s=0.2)
+    for _ in range(6):
+        await stack.start_worker()  # tiny only
+    special = Worker(
+        WorkerSettings(worker_id="only-noop", model="noop", bus=BusSettings(stack.nats_url))
+    )
+    await special.start()
+    stack.workers.append(special)
+    await _warm(stack, 7)
+    async with ImageBusClient(stack.nats_url) as client:
+        images = await client.generate("rare", model="noop", n=3, steps=1, timeout=60)
+    assert {image.worker_id for image in images} == {"only-noop"}

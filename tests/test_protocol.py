@@ -1,0 +1,149 @@
+"""The wire protocol on its own: encodings, validation rules, fuzzing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imagebus.protocol import (
+    Dialect,
+    ImageParams,
+    Limits,
+    ProtocolError,
+    RequestError,
+    TaskAssignment,
+    TaskResult,
+    decode,
+    decode_request,
+    encode,
+    events,
+)
+from imagebus.protocol import subjects as s
+
+LIMITS = Limits()
+
+
+def test_messages_round_trip_through_msgpack() -> None:
+    params = ImageParams("p", 64, 64, 4, 7.5, negative_prompt="n", model="tiny")
+    assignment = TaskAssignment("job", 2, 42, params, "_INBOX.abc", "native", "res", "rep")
+    assert decode(TaskAssignment, encode(assignment)) == assignment
+    result = TaskResult("job", 0, True, 5, "w", png=b"\x89PNG", width=8, height=8)
+    assert decode(TaskResult, encode(result)) == result
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"job_id": "j"}),
+        msgpack.packb({"job_id": 1, "index": 0, "ok": True, "seed": 1}),
+        msgpack.packb({"job_id": "j", "index": True, "ok": True, "seed": 1}),
+    ],
+)
+def test_malformed_messages_raise_protocol_error(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(TaskResult, payload)
+
+
+def test_legacy_request_uses_prototype_field_names() -> None:
+    body = json.dumps({"prompt": "cat", "numSteps": 4, "height": 128, "width": 256}).encode()
+    request = decode_request(body, Dialect.LEGACY, LIMITS)
+    assert (request.params.steps, request.params.width, request.params.height) == (4, 256, 128)
+    assert request.n == 1 and request.seed is None
+
+
+def test_seed_range_leaves_room_for_every_image() -> None:
+    with pytest.raises(RequestError) as error:
+        decode_request(
+            msgpack.packb({"prompt": "x", "n": 4, "seed": 2**32 - 2}), Dialect.NATIVE, LIMITS
+        )
+    assert error.value.field == "seed"
+
+
+def test_integral_floats_are_accepted_as_integers() -> None:
+    body = json.dumps({"prompt": "x", "numSteps": 4.0, "width": 64.0, "height": 64}).encode()
+    assert decode_request(body, Dialect.LEGACY, LIMITS).params.steps == 4
+
+
+def test_only_inboxes_may_receive_results() -> None:
+    assert s.is_valid_inbox("_INBOX.abc123")
+    assert s.is_valid_inbox("_INBOX.abc.def")
+    for subject in ["img-gen", "_INBOX.*", "_INBOX.>", "_INBOX.", "_INBOX..x", "x" * 300, ""]:
+        assert not s.is_valid_inbox(subject), subject
+
+
+def test_legacy_events_match_the_prototype() -> None:
+    progress = events.progress(Dialect.LEGACY, "_INBOX.a", _progress(step=1, steps=4))
+    assert (progress.subject, progress.payload) == ("_INBOX.a.worker-progress", b"25.0")
+    ok = events.result(Dialect.LEGACY, "_INBOX.a", TaskResult("j", 0, True, 1, "w", png=b"PNG"))
+    assert ok.subject == "_INBOX.a" and ok.payload == b"PNG"
+    assert ok.headers["success"] == "true" and ok.headers["mimetype"] == "image/png"
+    failed = events.result(Dialect.LEGACY, "_INBOX.a", TaskResult("j", 0, False, 1, error="boom"))
+    assert failed.headers["success"] == "false" and failed.payload == b"boom"
+
+
+def _progress(step: int, steps: int) -> Any:
+    from imagebus.protocol import TaskProgress
+
+    return TaskProgress("j", 0, step, steps, "w")
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+request_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt": json_values | st.text(max_size=50),
+        "width": json_values | st.integers(-100, 5000),
+        "height": json_values | st.integers(-100, 5000),
+        "steps": json_values | st.integers(-5, 500),
+        "numSteps": json_values,
+        "n": json_values | st.integers(-5, 200),
+        "seed": json_values | st.integers(-(2**40), 2**40),
+        "guidance": json_values,
+        "model": json_values,
+        "negative_prompt": json_values,
+    },
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=request_like | json_values, raw=st.binary(max_size=64), mutate=st.integers(0, 2))
+def test_fuzzed_requests_either_validate_or_raise_request_error(
+    body: Any, raw: bytes, mutate: int
+) -> None:
+    for dialect in (Dialect.NATIVE, Dialect.LEGACY):
+        if mutate == 0:
+            payload = raw
+        elif dialect is Dialect.NATIVE:
+            payload = msgpack.packb(body)
+        else:
+            payload = json.dumps(body).encode()
+        if mutate == 2 and payload:
+            payload = payload[: len(payload) // 2] + raw[:4]
+        try:
+            request = decode_request(payload, dialect, LIMITS)
+        except RequestError as error:
+            assert str(error)
+            continue
+        params = request.params
+        assert params.prompt.strip() and len(params.prompt) <= LIMITS.max_prompt_chars
+        assert 8 <= params.width <= LIMITS.max_width and params.width % 8 == 0
+        assert 8 <= params.height <= LIMITS.max_height and params.height % 8 == 0
+        assert 1 <= params.steps <= LIMITS.max_steps and 1 <= request.n <= LIMITS.max_images
