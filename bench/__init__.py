@@ -1,0 +1,1 @@
+"""imagebus benchmarks: `make bench` runs `python -m bench.run` and writes BENCHMARKS.md."""
