@@ -137,7 +137,7 @@ async def dispatch_latencies(url: str, count: int) -> tuple[list[float], list[fl
     return to_start, to_result
 
 
-async def throughput(url: str, jobs: int, concurrency: int) -> float:
+async def throughput(url: str, jobs: int, concurrency: int, *, warm_up: bool = True) -> float:
     """Jobs per second with `concurrency` requests in flight at once."""
     gate = asyncio.Semaphore(concurrency)
 
@@ -148,7 +148,8 @@ async def throughput(url: str, jobs: int, concurrency: int) -> float:
                 job = await client.submit("bench", width=8, height=8, steps=1)
                 await job.wait(120)
 
-        await asyncio.gather(*(one() for _ in range(min(50, jobs))))  # warm up
+        if warm_up:
+            await asyncio.gather(*(one() for _ in range(min(50, jobs))))
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(jobs)))
         return jobs / (time.perf_counter() - started)

@@ -22,12 +22,16 @@ class CapacitySignal:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a slot to free up; False if `timeout` passed without a notice."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         try:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                return False
+            return True
         finally:
             if not future.done():
                 future.cancel()

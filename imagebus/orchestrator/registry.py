@@ -1,9 +1,19 @@
-"""The orchestrator's live view of the worker pool, fed by workers' advertisements."""
+"""The orchestrator's live view of the worker pool.
+
+Fed by workers' advertisements (what they hold and can run), capacity notices
+(a slot freed) and assignment acks (slots left). The free-slot counts are hints:
+they let the orchestrator assign a task straight to a worker it knows has room,
+with no recruitment round trip, and let tasks wait quietly while every fitting
+worker is known busy instead of asking around. The worker stays the authority:
+it refuses an assignment it has no slot for, and the orchestrator then recruits
+through the queue group as usual.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from ..protocol import OfferReason, RecruitCall, WorkerAdvert
 from ..protocol.routing import describe_unfit, unfit_reason
@@ -17,16 +27,45 @@ class Registry:
         # Until it has listened this long, the registry may not know every worker yet.
         self.warm_after_s = warm_after_s
         self._workers: dict[str, tuple[WorkerAdvert, float]] = {}
+        self._free: dict[str, int] = {}  # worker id -> free slots, only those with some
         self._started = time.monotonic()
 
     def update(self, advert: WorkerAdvert) -> None:
+        known = advert.worker_id in self._workers
         self._workers[advert.worker_id] = (advert, time.monotonic())
+        if not known:  # later adverts may be older news than the acks and notices since
+            self.note_free(advert.worker_id, advert.free_slots)
+
+    def note_free(self, worker_id: str, free_slots: int) -> None:
+        if free_slots > 0:
+            self._free[worker_id] = free_slots
+        else:
+            self._free.pop(worker_id, None)
+
+    def claim(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
+        """A live, trusted, fitting worker believed to have a free slot; the slot is
+        counted as taken. None if the view knows of none."""
+        now = time.monotonic()
+        for worker_id in self._free:
+            known = self._workers.get(worker_id)
+            if known is None or worker_id in blacklisted or now - known[1] > LIVE_FOR_S:
+                continue
+            if unfit_reason(known[0], call) is None:
+                self.note_free(worker_id, self._free[worker_id] - 1)
+                return worker_id
+        return None
+
+    def all_busy(self, call: RecruitCall, blacklisted: frozenset[str]) -> bool:
+        """Whether some live, trusted worker fits `call` and every such one is known busy."""
+        fitting = [w for w in self._trusted(blacklisted) if unfit_reason(w, call) is None]
+        return bool(fitting) and not any(w.worker_id in self._free for w in fitting)
 
     def live(self) -> list[WorkerAdvert]:
         now = time.monotonic()
         for worker_id, (_, seen) in list(self._workers.items()):
             if now - seen > 6 * LIVE_FOR_S:
                 del self._workers[worker_id]  # long gone: forget it
+                self._free.pop(worker_id, None)
         return [a for a, seen in self._workers.values() if now - seen <= LIVE_FOR_S]
 
     def listing(self) -> list[tuple[WorkerAdvert, float]]:
@@ -41,7 +80,7 @@ class Registry:
         the registry cannot tell yet (just started, or no worker advertised)."""
         if time.monotonic() - self._started < self.warm_after_s:
             return None
-        workers = self._trusted(blacklisted)
+        workers = list(self._trusted(blacklisted))
         if not workers:
             return None  # recruitment will say there is no worker at all
         reasons: Counter[OfferReason] = Counter()
@@ -56,5 +95,9 @@ class Registry:
         """Whether some live, trusted worker could take `call` (if only it were asked)."""
         return any(unfit_reason(w, call) is None for w in self._trusted(blacklisted))
 
-    def _trusted(self, blacklisted: frozenset[str]) -> list[WorkerAdvert]:
-        return [w for w in self.live() if w.worker_id not in blacklisted]
+    def _trusted(self, blacklisted: frozenset[str]) -> Iterator[WorkerAdvert]:
+        """Live, non-blacklisted workers, lazily: callers mostly stop at the first fit."""
+        now = time.monotonic()
+        for advert, seen in self._workers.values():
+            if now - seen <= LIVE_FOR_S and advert.worker_id not in blacklisted:
+                yield advert

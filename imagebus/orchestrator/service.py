@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -359,6 +360,7 @@ class Orchestrator:
             notice = decode(CapacityNotice, msg.data)
         except ProtocolError:
             return
+        self.registry.note_free(notice.worker_id, notice.free_slots)
         if notice.worker_id not in self._blacklist_ids():
             self.capacity.notify(max(notice.free_slots, 1))
 
@@ -463,11 +465,12 @@ class Orchestrator:
         deadline = time.monotonic() + queue_timeout
         asks = 0
         lost = 0  # assignments whose worker died or overran
+        heard_lately = True  # whether the free-slot view can be trusted to say "all busy"
         while True:
             if job.cancelled:
                 await self._fail_task(job, index, "cancelled by the requester", ErrorCode.CANCELLED)
                 return
-            round_ = await self._recruit(call)
+            round_ = await self._find_worker(call, trust_view=heard_lately)
             asks += round_.asks
             offer = round_.offer
             if offer is not None:
@@ -476,8 +479,7 @@ class Orchestrator:
                     job.answered.add(index)
                     return
                 if outcome is Outcome.REFUSED and time.monotonic() < deadline:
-                    asks += 1
-                    continue  # the worker did not take it: recruit again
+                    continue  # the worker did not take it: find another
                 if outcome is Outcome.REFUSED:
                     error = f"no worker took the image within {queue_timeout:g}s"
                     await self._fail_task(job, index, error, ErrorCode.QUEUE_TIMEOUT)
@@ -507,7 +509,9 @@ class Orchestrator:
                 or self.registry.fits_somewhere(call, self._blacklist_ids())
             )
             if worth_waiting and remaining > 0:
-                await self.capacity.wait(min(remaining, 1.0))
+                # A wait that no capacity notice ends means the view may be stale (a
+                # notice lost, a worker restarted): the next try asks around instead.
+                heard_lately = await self.capacity.wait(min(remaining, 1.0))
                 continue
             if worth_waiting:
                 error = f"no worker slot freed up within {queue_timeout:g}s"
@@ -518,6 +522,18 @@ class Orchestrator:
             log.warning("task failed: no worker", error=error, attempts=asks)
             await self._fail_task(job, index, error, code, attempts=asks)
             return
+
+    async def _find_worker(self, call: RecruitCall, *, trust_view: bool) -> RecruitRound:
+        """The fast path first: a worker the pool view says has a free slot is
+        assigned directly (its ack is its consent). If the view says every fitting
+        worker is busy, wait rather than ask around; otherwise recruit."""
+        blacklisted = self._blacklist_ids()
+        worker_id = self.registry.claim(call, blacklisted)
+        if worker_id is not None:
+            return RecruitRound(_direct_offer(worker_id), 1, Counter())
+        if trust_view and self.registry.all_busy(call, blacklisted):
+            return RecruitRound(None, 0, Counter({OfferReason.BUSY.value: 1}))
+        return await self._recruit(call)
 
     async def _recruit(self, call: RecruitCall) -> RecruitRound:
         assert self.nc is not None
@@ -587,11 +603,19 @@ class Orchestrator:
             ack = decode(AssignmentAck, reply.data)
         except (*_BUS_TIMEOUTS, NoRespondersError, ProtocolError) as exc:
             self._watches.pop(key, None)
+            self.registry.note_free(offer.worker_id, 0)
             log.warning("assignment not acknowledged; recruiting again", error=repr(exc))
             return Outcome.REFUSED
+        if ack.free_slots is not None:
+            self.registry.note_free(offer.worker_id, ack.free_slots)
         if not ack.accepted:
             self._watches.pop(key, None)
-            log.warning("assignment refused; recruiting again", reason=ack.reason)
+            # A direct assignment on a stale view is refused now and then: not news.
+            log.log(
+                logging.INFO if offer.reservation_id is None else logging.WARNING,
+                "assignment refused; recruiting again",
+                reason=ack.reason,
+            )
             return Outcome.REFUSED
 
         started_at = datetime.now(UTC)
@@ -746,6 +770,11 @@ def _job_row(job: Job, orchestrator_id: str) -> JobRow:
         created_at=job.created_at,
         seeds=job.seeds,
     )
+
+
+def _direct_offer(worker_id: str) -> WorkerOffer:
+    """Stands for the offer a worker would make: no reservation, its ack decides."""
+    return WorkerOffer(worker_id=worker_id, willing=True, slots=0, free_slots=0, device="")
 
 
 def _describe(declined: Counter[str]) -> str:

@@ -143,6 +143,7 @@ class AssignmentAck:
     accepted: bool
     worker_id: str
     reason: str | None = None
+    free_slots: int | None = None  # after this answer, so the orchestrator's view stays exact
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,12 +281,14 @@ class Worker:
             reason = None
         if reason is not None or not s.is_valid_inbox(assignment.reply_inbox):
             reason = reason or "invalid reply inbox"
-            log.warning("assignment refused", reason=reason)
-            await self._reply(msg, encode(AssignmentAck(False, self.id, reason)))
+            log.info("assignment refused", reason=reason)
+            free = max(self.free_slots, 0)
+            await self._reply(msg, encode(AssignmentAck(False, self.id, reason, free)))
             return
         self._running[key] = RunningTask(assignment)
         self.peak_running = max(self.peak_running, len(self._running))
-        await self._reply(msg, encode(AssignmentAck(True, self.id)))
+        free = max(self.free_slots, 0)
+        await self._reply(msg, encode(AssignmentAck(True, self.id, free_slots=free)))
         run = asyncio.create_task(self._run(assignment))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
