@@ -6,8 +6,9 @@ workers never do.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -83,6 +84,9 @@ class TaskUpdate:
     seconds: float | None = None
     error: str | None = None
     error_code: str | None = None
+
+
+_TASK_UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(TaskUpdate))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,21 +182,41 @@ class Database:
     # --- job records (written behind by JobRecorder) -------------------------------
 
     async def write(self, records: Sequence[Record]) -> None:
-        """Write a batch in one transaction, in order (a job before its task updates)."""
+        """Write a batch in one transaction, in a handful of statements whatever its size.
+
+        Records are grouped by kind: jobs first (a job's row always comes before its
+        tasks' updates), then each task's updates merged in order into one, then the
+        attempts. The result is the same as applying the records one by one.
+        """
+        jobs = [r for r in records if isinstance(r, JobRow)]
+        updates = _merge_task_updates(r for r in records if isinstance(r, TaskUpdate))
+        attempts = [r for r in records if isinstance(r, AttemptRecord)]
         async with self.pool.acquire() as conn, conn.transaction():
-            run: list[Record] = []
-            for record in [*records, None]:
-                if run and (record is None or type(record) is not type(run[0])):
-                    if isinstance(run[0], JobRow):
-                        await _insert_jobs(conn, [r for r in run if isinstance(r, JobRow)])
-                    elif isinstance(run[0], TaskUpdate):
-                        await _update_tasks(conn, [r for r in run if isinstance(r, TaskUpdate)])
-                    else:
-                        attempts = [r for r in run if isinstance(r, AttemptRecord)]
-                        await _insert_attempts(conn, attempts)
-                    run = []
-                if record is not None:
-                    run.append(record)
+            if jobs:
+                await _insert_jobs(conn, jobs)
+            if updates:
+                await _update_tasks(conn, updates)
+            if attempts:
+                await _insert_attempts(conn, attempts)
+
+
+def _merge_task_updates(updates: Iterable[TaskUpdate]) -> list[TaskUpdate]:
+    """One update per task: the last state, and each field's last non-None value
+    (as the UPDATE's COALESCE would leave it after applying them in order)."""
+    merged: dict[tuple[str, int], TaskUpdate] = {}
+    for update in updates:
+        key = (update.job_id, update.index)
+        earlier = merged.get(key)
+        if earlier is None:
+            merged[key] = update
+            continue
+        changes = {
+            name: getattr(update, name)
+            for name in _TASK_UPDATE_FIELDS
+            if getattr(update, name) is not None
+        }
+        merged[key] = dataclasses.replace(earlier, **changes)
+    return list(merged.values())
 
 
 async def _insert_jobs(conn: asyncpg.Connection, jobs: Sequence[JobRow]) -> None:

@@ -1,0 +1,66 @@
+"""The write-behind store: a batch written at once leaves what one-by-one writes leave."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from imagebus.db import AttemptRecord, Database, JobRow, TaskUpdate
+from imagebus.db.store import Record
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _records(job_id: str) -> list[Record]:
+    job = JobRow(
+        job_id, "orch", "native", "_INBOX.x", "a cat", None, None, 64, 64, 2, 7.5, 2, T0, [5, 6]
+    )
+    return [
+        job,
+        TaskUpdate(job_id, 0, "running", worker_id="w1", recruit_attempts=1, assigned_at=T0),
+        TaskUpdate(job_id, 1, "running", worker_id="w2", recruit_attempts=3, assigned_at=T0),
+        AttemptRecord(job_id, 0, 1, "w1", "lost", T0, T0 + timedelta(seconds=3), "worker lost"),
+        TaskUpdate(job_id, 0, "running", worker_id="w3", assigned_at=T0 + timedelta(seconds=3)),
+        TaskUpdate(job_id, 1, "failed", finished_at=T0, error="boom", error_code="failed"),
+        AttemptRecord(job_id, 0, 2, "w3", "done", T0, T0 + timedelta(seconds=4), None),
+        TaskUpdate(job_id, 0, "done", worker_id="w3", finished_at=T0, seconds=1.5),
+    ]
+
+
+async def _rows(db: Database, job_id: str) -> tuple[list[dict[str, object]], ...]:
+    async with db.pool.acquire() as conn:
+        job = await conn.fetch("SELECT state FROM jobs WHERE job_id = $1", job_id)
+        tasks = await conn.fetch(
+            "SELECT task_index, seed, state, worker_id, recruit_attempts, assigned_at,"
+            " finished_at, seconds, error, error_code FROM tasks WHERE job_id = $1"
+            " ORDER BY task_index",
+            job_id,
+        )
+        attempts = await conn.fetch(
+            "SELECT task_index, attempt, worker_id, outcome FROM task_attempts"
+            " WHERE job_id = $1 ORDER BY task_index, attempt",
+            job_id,
+        )
+    return tuple([dict(r) for r in rows] for rows in (job, tasks, attempts))
+
+
+async def test_a_batch_leaves_the_same_rows_as_writing_records_one_by_one(
+    database_url: str,
+) -> None:
+    db = await Database.connect(database_url)
+    try:
+        await db.migrate()
+        await db.write(_records("batched"))
+        for record in _records("one-by-one"):
+            await db.write([record])
+        batched = await _rows(db, "batched")
+        one_by_one = await _rows(db, "one-by-one")
+    finally:
+        await db.close()
+    assert batched == one_by_one
+    job, tasks, attempts = batched
+    assert job == [{"state": "partial"}]
+    assert [(t["state"], t["worker_id"], t["recruit_attempts"]) for t in tasks] == [
+        ("done", "w3", 1),
+        ("failed", "w2", 3),
+    ]
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "lost"), (2, "done")]
