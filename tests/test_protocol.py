@@ -22,6 +22,7 @@ from imagebus.protocol import (
     decode_request,
     encode,
     events,
+    results,
 )
 from imagebus.protocol import subjects as s
 
@@ -147,3 +148,19 @@ def test_fuzzed_requests_either_validate_or_raise_request_error(
         assert 8 <= params.width <= LIMITS.max_width and params.width % 8 == 0
         assert 8 <= params.height <= LIMITS.max_height and params.height % 8 == 0
         assert 1 <= params.steps <= LIMITS.max_steps and 1 <= request.n <= LIMITS.max_images
+
+
+def test_kept_images_reassemble_only_when_whole_and_matching() -> None:
+    png = bytes(range(256)) * 40  # 10 KiB, kept in 2 KiB chunks below
+    messages = results.copy_messages("job1", 3, png, max_payload=2048 + 1024)
+    assert len(messages) == 5
+    stored = [(m.subject, m.headers, m.payload) for m in messages]
+    assert results.assemble(reversed(stored)) == {3: png}  # order does not matter
+    assert results.assemble(stored[:-1]) == {}  # a chunk missing: no copy
+    tampered = [*stored[:-1], (stored[-1][0], stored[-1][1], b"x" * len(stored[-1][2]))]
+    assert results.assemble(tampered) == {}  # digest mismatch: no copy
+    other = results.copy_messages("job1", 0, b"small", max_payload=1 << 20)
+    assert results.assemble([*stored, *[(m.subject, m.headers, m.payload) for m in other]]) == {
+        0: b"small",
+        3: png,
+    }

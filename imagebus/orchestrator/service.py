@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.api import StorageType, StreamConfig
 
 from ..connections import BusUnavailable, connect
 from ..db import AttemptRecord, Database, JobRecorder, JobRow, Record, TaskUpdate
@@ -174,7 +174,7 @@ class Orchestrator:
                 s.SCHEMA_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_schema
             ),
         ]
-        await self._ensure_results_bucket()
+        await self._ensure_results_stream()
         # Last, so nothing is taken before the orchestrator can serve it.
         self.intake = Intake(
             self.nc.jetstream(),
@@ -337,20 +337,22 @@ class Orchestrator:
             headers = {s.HEADER_ERROR_CODE: error_code} if error_code else None
             await self.nc.publish(msg.reply, payload, headers=headers)
 
-    async def _ensure_results_bucket(self) -> None:
+    async def _ensure_results_stream(self) -> None:
         assert self.nc is not None
         js = self.nc.jetstream()
+        config = StreamConfig(
+            name=s.RESULTS_STREAM,
+            subjects=[s.RESULTS_SUBJECTS],
+            description="imagebus results, for `imagebus job fetch`",
+            storage=StorageType.FILE,
+            max_age=self.settings.results_ttl_s,
+            duplicate_window=120.0,  # a re-run image's copy is dropped: the first stays
+        )
         try:
-            await js.object_store(s.RESULTS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            config = ObjectStoreConfig(
-                bucket=s.RESULTS_BUCKET,
-                ttl=self.settings.results_ttl_s,
-                storage=StorageType.FILE,
-                description="imagebus results, for `imagebus job fetch`",
-            )
+            await js.stream_info(s.RESULTS_STREAM)
+        except nats.js.errors.NotFoundError:
             with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
-                await js.create_object_store(s.RESULTS_BUCKET, config=config)
+                await js.add_stream(config)
 
     async def _on_ping(self, msg: Msg) -> None:
         await self._reply(msg, self.id.encode())

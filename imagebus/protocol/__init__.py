@@ -3,7 +3,7 @@
 This package is the only place that knows how imagebus talks on NATS.
 """
 
-from . import events, subjects
+from . import events, results, subjects
 from .codec import ProtocolError, decode, encode, from_dict
 from .messages import (
     AssignmentAck,
@@ -87,6 +87,7 @@ __all__ = [
     "events",
     "from_dict",
     "request_schema",
+    "results",
     "subjects",
     "validate_request",
 ]

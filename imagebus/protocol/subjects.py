@@ -38,8 +38,10 @@ WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
 WORKERS_QUERY_SUBJECT = "imagebus.orchestrators.workers"
 JOB_STATUS_SUBJECT = "imagebus.orchestrators.job-status"
 SCHEMA_SUBJECT = "imagebus.schema"
-# Every image is also kept here, for `imagebus job fetch`, for the bucket's TTL.
-RESULTS_BUCKET = "imagebus_results"
+# Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
+# one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
+RESULTS_STREAM = "IMAGEBUS_RESULTS"
+RESULTS_SUBJECTS = "imagebus.results.>"
 # Requesters publish JobCancel here; orchestrators and workers all listen.
 CANCEL_SUBJECT = "imagebus.cancel"
 # Workers announce here whenever a slot frees, so saturated recruitments wake up.
@@ -51,6 +53,10 @@ HEADER_JOB_ID = "Imagebus-Job"
 HEADER_INDEX = "Imagebus-Index"
 HEADER_SEED = "Imagebus-Seed"
 HEADER_ERROR_CODE = "Imagebus-Error"
+# A kept image is stored as numbered chunks (see protocol/results.py).
+HEADER_CHUNK = "Imagebus-Chunk"
+HEADER_CHUNKS = "Imagebus-Chunks"
+HEADER_SHA256 = "Imagebus-Sha256"
 
 # Native requester events are published under the requester's inbox, so one
 # subscription to "<inbox>.>" receives them all.
@@ -78,6 +84,11 @@ def is_valid_worker_id(worker_id: str) -> bool:
     return _WORKER_ID_RE.match(worker_id) is not None
 
 
+def is_valid_job_id(job_id: str) -> bool:
+    """Job ids are one subject token too (they name a job's subjects in the results stream)."""
+    return _WORKER_ID_RE.match(job_id) is not None
+
+
 def worker_assign_subject(worker_id: str) -> str:
     return f"imagebus.worker.{worker_id}.assign"
 
@@ -98,8 +109,9 @@ def heartbeat_subject(orchestrator_id: str) -> str:
     return f"imagebus.orchestrator.{orchestrator_id}.heartbeat"
 
 
-def result_object_name(job_id: str, index: int) -> str:
-    return f"{job_id}/{index:05d}.png"
+def results_subject(job_id: str, index: int | None = None) -> str:
+    """One image's subject in the results stream; with no index, the job's filter."""
+    return f"imagebus.results.{job_id}.{'*' if index is None else index}"
 
 
 def event_subject(inbox: str, event: str) -> str:

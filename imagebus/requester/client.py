@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..connections import connect
 from ..protocol import (
@@ -44,6 +45,7 @@ from ..protocol import (
     decode,
     encode,
     from_dict,
+    results,
 )
 from ..protocol import subjects as s
 from ..settings import BusSettings
@@ -400,24 +402,45 @@ class ImageBusClient:
                 raise ImageBusError(f"job {job_id} still {status.state} after {timeout:g}s")
             await asyncio.sleep(poll_s)
 
-    async def fetch(self, job_id: str) -> dict[int, bytes]:
-        """The job's images kept in the results bucket, by index."""
+    async def fetch(self, job_id: str, timeout: float = 30.0) -> dict[int, bytes]:
+        """The job's images kept in the results stream, by index (checked by SHA-256)."""
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
+        if not s.is_valid_job_id(job_id):
+            raise ImageBusError(f"{job_id!r} is not a job id", "invalid_request")
+        js = self.nc.jetstream()
+        # A short-lived pull consumer over this job's subjects only: it reads just
+        # the job's chunks, at the speed of the fetch (no push flow-control stalls).
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
         try:
-            store = await self.nc.jetstream().object_store(s.RESULTS_BUCKET)
-            entries = await store.list()
-        except Exception as exc:  # no bucket yet, or no objects at all
+            subscription = await js.pull_subscribe(
+                s.results_subject(job_id), stream=s.RESULTS_STREAM, config=config
+            )
+        except Exception as exc:  # no results stream yet (no orchestrator ever ran)
             raise ImageBusError(f"no results kept for job {job_id}: {exc}", "not_found") from None
-        prefix = f"{job_id}/"
-        images: dict[int, bytes] = {}
-        for entry in entries:
-            if entry.name.startswith(prefix) and not entry.deleted:
-                result = await store.get(entry.name)
-                images[int(entry.name[len(prefix) :].split(".")[0])] = bytes(result.data or b"")
+        stored: list[tuple[str, dict[str, str], bytes]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    batch = await subscription.fetch(batch=256, timeout=1.0)
+                except (NatsTimeoutError, TimeoutError):
+                    break  # nothing (more) stored for this job
+                stored += [(m.subject, m.headers or {}, m.data) for m in batch]
+                if batch and batch[-1].metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        images = results.assemble(stored)
         if not images:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
-        return dict(sorted(images.items()))
+        return images
 
     async def workers(self) -> list[WorkerListing]:
         """The live worker registry, as one orchestrator sees it."""

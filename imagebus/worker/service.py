@@ -45,6 +45,7 @@ from ..protocol import (
     decode,
     encode,
     events,
+    results,
 )
 from ..protocol import subjects as s
 from ..protocol.events import Outbound
@@ -86,7 +87,6 @@ class Worker:
         self.failures = 0
         self.peak_running = 0  # the most tasks ever run at once: never above `slots`
         self._seconds_total = 0.0
-        self._results_store: Any = None
         self._reservations: dict[str, float] = {}  # reservation id -> lease expiry
         self._running: dict[tuple[str, int], RunningTask] = {}
         self._runs: set[asyncio.Task[None]] = set()
@@ -447,15 +447,17 @@ class Worker:
         await self.nc.publish(out.subject, out.payload, headers=out.headers)
 
     async def _keep(self, assignment: TaskAssignment, png: bytes) -> None:
-        """Store the image in the results bucket, for `imagebus job fetch` later."""
+        """Store the image in the results stream, for `imagebus job fetch` later."""
         assert self.nc is not None
+        js = self.nc.jetstream()
+        copies = results.copy_messages(
+            assignment.job_id, assignment.index, png, self.nc.max_payload
+        )
         try:
-            if self._results_store is None:
-                self._results_store = await self.nc.jetstream().object_store(s.RESULTS_BUCKET)
-            name = s.result_object_name(assignment.job_id, assignment.index)
-            await self._results_store.put(name, png)
+            for out in copies:
+                await js.publish(out.subject, out.payload, headers=out.headers)
         except Exception as exc:  # the requester has its image; only the copy is missing
-            self._log.warning("result not kept in the results bucket", error=repr(exc))
+            self._log.warning("result not kept in the results stream", error=repr(exc))
 
     async def _deliver(self, messages: list[Outbound], dialect: Dialect) -> bool:
         """Send a result so that it survives a bus hiccup.
