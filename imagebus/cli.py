@@ -23,7 +23,7 @@ from . import __version__
 from .connections import BusUnavailable
 from .logs import configure_logging
 from .protocol import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
-from .settings import BusSettings, OrchestratorSettings, WorkerSettings, env_int, env_str
+from .settings import BusSettings, OrchestratorSettings, WorkerSettings, env_float, env_int, env_str
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -106,8 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--slots",
         type=int,
-        default=env_int("IMAGEBUS_WORKER_SLOTS", 1),
-        help="jobs run at once (default 1)",
+        default=env_int("IMAGEBUS_WORKER_SLOTS", 0),
+        help="jobs taken at once (default: --max-batch; env IMAGEBUS_WORKER_SLOTS)",
+    )
+    worker.add_argument(
+        "--max-batch",
+        type=int,
+        default=env_int("IMAGEBUS_MAX_BATCH", 0),
+        help="dynamic batching: at most this many compatible images per pipeline call"
+        " (default 1 on cpu, 8 on cuda; env IMAGEBUS_MAX_BATCH)",
+    )
+    worker.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=env_float("IMAGEBUS_BATCH_WINDOW_MS", 5.0),
+        help="how long a batch that is not full waits for more images (default 5 ms)",
     )
     worker.add_argument(
         "--threads",
@@ -161,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="list the live workers")
     nats_option(workers)
     workers.add_argument("--json", action="store_true", help="one JSON object per worker")
+
+    stats = commands.add_parser(
+        "stats", help="each orchestrator's figures: jobs, waiting tasks, event-loop lag (JSON)"
+    )
+    nats_option(stats)
 
     job = commands.add_parser("job", help="a job's status, or collect its images later")
     nats_option(job)
@@ -233,15 +251,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker, WorkerIdInUse, default_worker_id
     from .worker.engine import ModelLoadError
 
-    if args.slots < 1 or args.threads < 0:
-        print("imagebus worker: --slots must be >= 1 and --threads >= 0", file=sys.stderr)
+    if args.slots < 0 or args.max_batch < 0 or args.threads < 0 or args.batch_window_ms < 0:
+        print(
+            "imagebus worker: --slots, --max-batch, --threads and --batch-window-ms"
+            " must not be negative",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
+    max_batch = args.max_batch or (8 if args.device.startswith("cuda") else 1)
     settings = WorkerSettings(
         worker_id=args.worker_id or default_worker_id(args.device),
         model=args.model,
         device=args.device,
         bus=bus_from(args),
-        slots=args.slots,
+        slots=args.slots or max_batch,
+        max_batch=max_batch,
+        batch_window_ms=args.batch_window_ms,
         torch_threads=args.threads,
         noop_seconds=args.noop_seconds,
     )
@@ -417,6 +442,23 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .requester import ImageBusClient
+
+    async def run() -> int:
+        bus = bus_from(args)
+        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+            answers = await client.orchestrator_stats()
+        for answer in answers:
+            print(json.dumps(answer))
+        if not answers:
+            print("imagebus stats: no orchestrator answered", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     from .requester import ImageBusClient
     from .requester.client import FINAL_STATES, ImageBusError
@@ -507,6 +549,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "blacklist": cmd_blacklist,
     "workers": cmd_workers,
+    "stats": cmd_stats,
     "job": cmd_job,
     "schema": cmd_schema,
     "presets": cmd_presets,

@@ -102,7 +102,7 @@ class OrchestratorSettings:
     # Workers advertise every 2 s: after this long the registry knows the whole pool and
     # requests no worker could ever take fail at once.
     registry_warm_s: float = 3.0
-    # How long images stay in the results bucket for `imagebus job fetch`.
+    # How long images stay in the results stream for `imagebus job fetch`.
     results_ttl_s: float = field(default_factory=lambda: env_float("IMAGEBUS_RESULTS_TTL", 86400.0))
     max_concurrent_jobs: int = field(
         default_factory=lambda: env_int("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024)
@@ -117,6 +117,10 @@ class WorkerSettings:
     device: str = "cpu"
     bus: BusSettings = field(default_factory=BusSettings)
     slots: int = 1
+    # Dynamic batching: at most this many compatible images per pipeline call, waiting
+    # at most `batch_window_ms` for a batch to fill (see worker/batching.py).
+    max_batch: int = 1
+    batch_window_ms: float = 5.0
     # A willing answer holds a slot this long for the orchestrator to claim it.
     lease_s: float = 5.0
     heartbeat_s: float = 1.0
@@ -126,6 +130,11 @@ class WorkerSettings:
     max_pixels: int = 2048 * 2048
     # Benchmarks only: with model "noop", each job takes this long and computes nothing.
     noop_seconds: float = 0.0
+
+    @property
+    def runners(self) -> int:
+        """Pipeline calls that may run at once: enough batches to fill the slots."""
+        return max(-(-self.slots // max(self.max_batch, 1)), 1)
 
     @property
     def model_names(self) -> list[str]:

@@ -71,7 +71,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_engine() -> DiffusionEngine:
     """The tiny model, loaded once; in-process workers share it (4 slots between them)."""
-    return load_engine("tiny", "cpu", slots=4)
+    return load_engine("tiny", "cpu", runners=4)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -81,6 +82,27 @@ async def test_worker_refuses_an_id_already_in_use(stack: Stack) -> None:
 
 
 async def test_help_for_every_command() -> None:
-    for command in ["up", "orchestrator", "worker", "request", "generate", "blacklist"]:
+    for command in ["up", "orchestrator", "worker", "request", "generate", "blacklist", "stats"]:
         code, stdout, _ = await run_cli(command, "--help")
         assert code == 0 and stdout.startswith(f"usage: imagebus {command}")
+
+
+async def test_worker_batching_options_are_checked(nats_url: str) -> None:
+    code, stdout, _ = await run_cli("worker", "--help")
+    assert code == 0 and "--max-batch" in stdout and "--batch-window-ms" in stdout
+    code, _, stderr = await run_cli("worker", "--max-batch", "-1", "--nats-url", nats_url)
+    assert code == 2 and "must not be negative" in stderr
+
+
+async def test_stats_reports_each_orchestrator_and_its_event_loop_lag(stack: Stack) -> None:
+    code, _, stderr = await run_cli("stats", "--nats-url", stack.nats_url)
+    assert code == 3 and "no orchestrator answered" in stderr
+    orchestrator = await stack.start_orchestrator()
+    await asyncio.sleep(0.3)  # a few lag samples
+    code, stdout, _ = await run_cli("stats", "--nats-url", stack.nats_url)
+    assert code == 0
+    (stats,) = [json.loads(line) for line in stdout.splitlines()]
+    assert stats["orchestrator_id"] == orchestrator.id
+    assert stats["jobs_running"] == 0
+    assert stats["loop_lag"]["samples"] > 0
+    assert 0 <= stats["loop_lag"]["p50_ms"] <= stats["loop_lag"]["max_ms"]

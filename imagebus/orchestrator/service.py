@@ -40,6 +40,7 @@ from ..connections import BusUnavailable, connect
 from ..db import AttemptRecord, Database, JobRecorder, JobRow, Record, TaskUpdate
 from ..db.store import TRANSIENT_ERRORS, fetch_job_status
 from ..logs import get_logger
+from ..looplag import LoopLag
 from ..protocol import (
     AssignmentAck,
     CapacityNotice,
@@ -141,11 +142,13 @@ class Orchestrator:
         self._watches: dict[tuple[str, int], Watch] = {}
         self._running_jobs: dict[str, Job] = {}
         self.registry = Registry(settings.registry_warm_s)
+        self.loop_lag = LoopLag()
         self._log = get_logger(orchestrator_id=self.id)
 
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        self.loop_lag.start()
         self.db = await Database.connect(self.settings.database_url)
         applied = await self.db.migrate()
         if applied:
@@ -164,6 +167,7 @@ class Orchestrator:
                 s.ORCHESTRATOR_PING_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_ping
             ),
             await self.nc.subscribe(s.WORKER_ADVERT_SUBJECT, cb=self._on_advert),
+            await self.nc.subscribe(s.ORCHESTRATOR_STATS_SUBJECT, cb=self._on_stats),
             await self.nc.subscribe(
                 s.WORKERS_QUERY_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_workers_query
             ),
@@ -221,6 +225,7 @@ class Orchestrator:
             await self.blacklist.stop()
         if self.db is not None:
             await self.db.close()
+        await self.loop_lag.stop()
         self._log.info("orchestrator stopped")
 
     # --- bus callbacks (they run one at a time, so keep them short) -----------------
@@ -353,6 +358,21 @@ class Orchestrator:
         except nats.js.errors.NotFoundError:
             with contextlib.suppress(nats.js.errors.BadRequestError):  # created meanwhile
                 await js.add_stream(config)
+
+    async def _on_stats(self, msg: Msg) -> None:
+        stats = {
+            "orchestrator_id": self.id,
+            "jobs_running": len(self._running_jobs),
+            "tasks_assigned": len(self._watches),
+            "tasks_waiting_for_a_slot": self.capacity.waiting,
+            "requests_served": self.intake.served if self.intake else 0,
+            "records_not_yet_written": self.recorder.backlog if self.recorder else 0,
+            "workers_live": len(self.registry.live()),
+            "loop_lag": self.loop_lag.summary(),
+        }
+        if msg.data.strip() == b"reset":  # benchmarks: measure lag from now on
+            self.loop_lag.reset()
+        await self._reply(msg, json.dumps(stats).encode())
 
     async def _on_ping(self, msg: Msg) -> None:
         await self._reply(msg, self.id.encode())

@@ -31,6 +31,8 @@ INTAKE_CONSUMER = "orchestrators"
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates requests by this header
 # Any orchestrator answers here (queue group): used to wait until one is up.
 ORCHESTRATOR_PING_SUBJECT = "imagebus.orchestrators.ping"
+# Every orchestrator answers here (no queue group) with its figures, as JSON.
+ORCHESTRATOR_STATS_SUBJECT = "imagebus.orchestrators.stats"
 # Workers advertise themselves here every few seconds (the worker registry).
 WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
 # Requests answered by one orchestrator (queue group): the registry, a job's status,

@@ -442,6 +442,25 @@ class ImageBusClient:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
         return images
 
+    async def orchestrator_stats(self, wait: float = 0.5) -> list[dict[str, Any]]:
+        """Every running orchestrator's figures (jobs, waiting tasks, event-loop lag)."""
+        if self.nc is None:
+            raise RuntimeError("use `async with ImageBusClient(...)` first")
+        inbox = self.nc.new_inbox()
+        answers: list[dict[str, Any]] = []
+
+        async def on_answer(msg: Msg) -> None:
+            with contextlib.suppress(ValueError):
+                answers.append(json.loads(msg.data))
+
+        subscription = await self.nc.subscribe(inbox, cb=on_answer)
+        try:
+            await self.nc.publish(s.ORCHESTRATOR_STATS_SUBJECT, b"", reply=inbox)
+            await asyncio.sleep(wait)
+        finally:
+            await subscription.unsubscribe()
+        return sorted(answers, key=lambda a: str(a.get("orchestrator_id")))
+
     async def workers(self) -> list[WorkerListing]:
         """The live worker registry, as one orchestrator sees it."""
         reply = await self._ask(s.WORKERS_QUERY_SUBJECT)

@@ -1,8 +1,10 @@
-"""The diffusion engine: one model, loaded once, generating one image per call.
+"""The diffusion engine: one model, loaded once, generating images in batches.
 
 This is the only module of the worker that imports torch and diffusers. Calls
-to `generate` block (run them in a thread) and may run concurrently, one per
-slot (see DiffusionEngine).
+to `generate_batch` block (run them in a thread) and may run concurrently, one
+per runner (see DiffusionEngine). A batch is several compatible images (same
+model, size, steps and guidance; see `batch_key`) made in one pipeline call,
+each from its own seed, so that it comes out as it would alone.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import io
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,25 +48,57 @@ class GeneratedImage:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One image of a batch: its parameters, its seed, and whether to give it up."""
+
+    params: ImageParams
+    seed: int
+    should_stop: Callable[[], bool] | None = None
+
+    def stopped(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+
+# What a batch call returns for each of its items, in order.
+BatchResult = GeneratedImage | BaseException
+
+
+def batch_key(params: ImageParams) -> Hashable:
+    """Images with equal keys can share one pipeline call: a batch has one size, one
+    number of steps and one guidance scale; prompts, negative prompts and seeds vary."""
+    return (params.model, params.width, params.height, params.steps, params.guidance)
+
+
+def encode_png(image: Any) -> bytes:
+    # Level 1: PNG is lossless at any level; the default (6) costs several times the
+    # time for slightly smaller files, and encoding is on the path to every result.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 class DiffusionEngine:
-    """A model's weights, loaded once, and one private pipeline object per slot.
+    """A model's weights, loaded once, and one private pipeline object per runner.
 
     The weights (torch modules) are shared. Everything else a pipeline holds is
     mutable per-run state that concurrent runs corrupt: the scheduler (timesteps,
     step index) and the fast tokenizer (its padding and truncation settings; two
     threads tokenising at once were measured to produce mismatched embeddings
-    and crash). So each slot gets its own copies of those, and a run borrows a
-    slot's pipeline for its whole duration.
+    and crash). So each runner gets its own copies of those, and a batch borrows
+    a runner's pipeline for its whole duration.
     """
 
-    def __init__(self, model: str, pipeline: Any, device: str, slots: int = 1) -> None:
+    def __init__(self, model: str, pipeline: Any, device: str, runners: int = 1) -> None:
         self.model = model
         self.device = device
         self.gpu_name, self.vram_gb = _gpu(device)
         self._accepts = set(inspect.signature(pipeline.__call__).parameters)
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(max(slots, 1)):
+        for _ in range(max(runners, 1)):
             self._idle.put(_private_pipeline(pipeline))
+        # Pillow encodes outside the GIL: a batch's images are encoded in parallel.
+        self._encoder = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), "imagebus-png")
 
     @property
     def models(self) -> list[str]:
@@ -77,35 +112,59 @@ class DiffusionEngine:
         should_stop: Callable[[], bool] | None = None,
     ) -> GeneratedImage:
         """Generate one image (blocking: call it from a thread)."""
+        (result,) = self.generate_batch([BatchItem(params, seed, should_stop)], on_step)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def generate_batch(
+        self, items: Sequence[BatchItem], on_step: StepCallback | None = None
+    ) -> list[BatchResult]:
+        """Generate compatible images in one pipeline call (blocking: call it from a
+        thread). `on_step` is called once per denoising step for the whole batch. An
+        item whose `should_stop` turns true comes back as GenerationCancelled; the
+        call stops early only when every item has."""
         import torch
 
         started = time.perf_counter()
+        first = items[0].params
+        if any(batch_key(item.params) != batch_key(first) for item in items):
+            raise ValueError("a batch's images must share model, size, steps and guidance")
         kwargs: dict[str, Any] = {
-            "prompt": params.prompt,
-            "width": params.width,
-            "height": params.height,
-            "num_inference_steps": params.steps,
-            "guidance_scale": params.guidance,
-            # A CPU generator gives the same image for a seed on any device.
-            "generator": torch.Generator("cpu").manual_seed(seed),
+            "prompt": [item.params.prompt for item in items],
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            # One CPU generator per image: the same seed gives the same starting noise
+            # alone or in any batch, on any device.
+            "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
             "output_type": "pil",
         }
-        if params.negative_prompt:
+        if any(item.params.negative_prompt for item in items):
             if "negative_prompt" not in self._accepts:
                 raise ValueError(f"model {self.model!r} does not support negative_prompt")
-            kwargs["negative_prompt"] = params.negative_prompt
+            # "" is what diffusers itself uses for an image without one.
+            kwargs["negative_prompt"] = [item.params.negative_prompt or "" for item in items]
+
+        def all_stopped() -> bool:
+            return all(item.stopped() for item in items)
+
         pipeline = self._idle.get()
         try:
-            with _counting_steps(pipeline.scheduler, params.steps, on_step, should_stop):
+            with _counting_steps(pipeline.scheduler, first.steps, on_step, all_stopped):
                 with torch.inference_mode():
-                    image = pipeline(**kwargs).images[0]
+                    images = pipeline(**kwargs).images
         finally:
             self._idle.put(pipeline)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return GeneratedImage(
-            buffer.getvalue(), image.width, image.height, time.perf_counter() - started
-        )
+        pngs = list(self._encoder.map(encode_png, images))
+        seconds = time.perf_counter() - started
+        return [
+            GenerationCancelled()
+            if item.stopped()
+            else GeneratedImage(png, image.width, image.height, seconds)
+            for item, image, png in zip(items, images, pngs, strict=True)
+        ]
 
 
 class NoopEngine:
@@ -139,11 +198,18 @@ class NoopEngine:
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GeneratedImage:
+        (result,) = self.generate_batch([BatchItem(params, seed, should_stop)], on_step)
+        assert isinstance(result, GeneratedImage)
+        return result
+
+    def generate_batch(
+        self, items: Sequence[BatchItem], on_step: StepCallback | None = None
+    ) -> list[BatchResult]:
         if on_step is not None:
-            on_step(1, params.steps)
+            on_step(1, items[0].params.steps)
         if self.seconds:
-            time.sleep(self.seconds)
-        return GeneratedImage(self._png, 8, 8, self.seconds)
+            time.sleep(self.seconds)  # a batch costs what one image does: a simulated GPU
+        return [GeneratedImage(self._png, 8, 8, self.seconds) for _ in items]
 
 
 # What a worker runs jobs on: a real diffusion model, or the benchmark stand-in.
@@ -209,7 +275,7 @@ def _counting_steps(
 
 
 def load_engine(
-    model: str, device: str = "cpu", torch_threads: int = 0, slots: int = 1
+    model: str, device: str = "cpu", torch_threads: int = 0, runners: int = 1
 ) -> DiffusionEngine:
     """Load `model` once: the built-in `tiny`, a local directory, or a Hugging Face id."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -232,7 +298,7 @@ def load_engine(
         pipeline = _from_pretrained(model, device)
     pipeline = pipeline.to(device)
     log.info("model loaded", seconds=round(time.perf_counter() - started, 2))
-    return DiffusionEngine(model, pipeline, device, slots)
+    return DiffusionEngine(model, pipeline, device, runners)
 
 
 def _from_pretrained(model: str, device: str) -> Any:

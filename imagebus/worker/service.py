@@ -51,9 +51,9 @@ from ..protocol import subjects as s
 from ..protocol.events import Outbound
 from ..protocol.routing import unfit_reason
 from ..settings import WorkerSettings
+from .batching import Batcher
 from .engine import Engine, GenerationCancelled, NoopEngine, load_engine
 
-_PROGRESS_PUBLISH_TIMEOUT_S = 5.0
 _DELIVERY_PATIENCE_S = 30.0
 _REQUESTER_GONE_AFTER_S = 5.0
 
@@ -96,6 +96,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             settings.slots, thread_name_prefix=f"imagebus-{self.id}"
         )
+        self._batchers: dict[str, Batcher] = {}
         self._log = get_logger(worker_id=self.id)
 
     @property
@@ -117,17 +118,23 @@ class Worker:
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        runners = self.settings.runners
         for model in self.settings.model_names if not self.engines else []:
             if model == NoopEngine.model:
                 self.engines[model] = NoopEngine(self.settings.noop_seconds)
                 continue
             self.engines[model] = await asyncio.to_thread(
-                load_engine,
-                model,
-                self.settings.device,
-                self.settings.torch_threads,
-                self.settings.slots,
+                load_engine, model, self.settings.device, self.settings.torch_threads, runners
             )
+        for model, engine in self.engines.items():
+            self._batchers[model] = Batcher(
+                engine,
+                self._executor,
+                runners=runners,
+                max_batch=self.settings.max_batch,
+                window_s=self.settings.batch_window_ms / 1000,
+            )
+            self._batchers[model].start()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
         await self._check_id_unused()
         self._subscriptions = [
@@ -161,6 +168,8 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._heartbeats is not None:
             self._heartbeats.cancel()
+        for batcher in self._batchers.values():
+            await batcher.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -315,29 +324,19 @@ class Worker:
             dialect = Dialect(assignment.dialect)
         except ValueError:
             dialect = Dialect.NATIVE
-        loop = asyncio.get_running_loop()
         running = self._running[key]
         params = assignment.params
         log.info("task started", width=params.width, height=params.height, steps=params.steps)
 
-        def on_step(step: int, steps: int) -> None:
-            # Runs in the model's thread: publish and wait, so events stay in order.
+        async def on_step(step: int, steps: int) -> None:
             running.step = step
             progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
-            out = events.progress(dialect, assignment.reply_inbox, progress)
-            future = asyncio.run_coroutine_threadsafe(self._send(out), loop)
-            with contextlib.suppress(Exception):
-                future.result(timeout=_PROGRESS_PUBLISH_TIMEOUT_S)
+            await self._send(events.progress(dialect, assignment.reply_inbox, progress))
 
         started = time.perf_counter()
         try:
-            image = await loop.run_in_executor(
-                self._executor,
-                engine.generate,
-                params,
-                assignment.seed,
-                on_step,
-                lambda: running.cancelled,
+            image = await self._batchers[engine.model].generate(
+                params, assignment.seed, on_step, lambda: running.cancelled
             )
             result = TaskResult(
                 job_id=assignment.job_id,
@@ -498,4 +497,11 @@ class Worker:
             "tasks_done": self.tasks_done,
             "failures": self.failures,
             "running": len(self._running),
+            # Pipeline calls made, and images per call on average (dynamic batching).
+            "batches": sum(b.batches for b in self._batchers.values()),
+            "mean_batch": round(
+                sum(b.images for b in self._batchers.values())
+                / max(sum(b.batches for b in self._batchers.values()), 1),
+                2,
+            ),
         }

@@ -1,0 +1,62 @@
+"""Dynamic batching in a worker, through the real bus: fewer pipeline calls, same images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections import defaultdict
+
+import numpy as np
+from PIL import Image
+
+from imagebus.protocol import ImageParams
+from imagebus.requester import ImageBusClient
+from imagebus.worker.engine import DiffusionEngine
+
+from .conftest import Stack
+from .test_engine import CPU_BATCH_TOLERANCE
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+async def test_a_worker_batches_compatible_images_and_each_keeps_its_seed_and_progress(
+    stack: Stack, tiny_engine: DiffusionEngine
+) -> None:
+    await stack.start_orchestrator()
+    # A long window, so that the batch fills whatever the machine's load.
+    worker = await stack.start_worker(slots=4, max_batch=4, batch_window_ms=500)
+    steps_seen: dict[int, list[int]] = defaultdict(list)
+    prompts = [f"a lighthouse, variation {i}" for i in range(8)]
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit(
+            prompts, width=64, height=64, steps=3, seed=100,
+            on_progress=lambda p: steps_seen[p.index].append(p.step),
+        )  # fmt: skip
+        images = await job.wait(120)
+    stats = worker.stats()
+    assert stats["tasks_done"] == 8
+    assert stats["batches"] < 8  # some images shared a pipeline call
+    assert stats["mean_batch"] > 1
+    for image in images:
+        assert image.seed == 100 + image.index
+        assert steps_seen[image.index] == [1, 2, 3]  # per-image progress, in order
+        params = ImageParams(prompts[image.index], 64, 64, 3, 7.5)
+        alone = await asyncio.to_thread(tiny_engine.generate, params, image.seed)
+        assert np.abs(_pixels(alone.png) - _pixels(image.png)).max() <= CPU_BATCH_TOLERANCE
+
+
+async def test_incompatible_images_are_never_batched_together(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    worker = await stack.start_worker(slots=4, max_batch=4, batch_window_ms=200)
+    async with ImageBusClient(stack.nats_url) as client:
+        jobs = [
+            await client.submit("a", n=2, width=64, height=64, steps=2),
+            await client.submit("b", n=2, width=128, height=64, steps=2),
+        ]
+        small, wide = [await job.wait(120) for job in jobs]
+    assert {(i.width, i.height) for i in small} == {(64, 64)}
+    assert {(i.width, i.height) for i in wide} == {(128, 64)}
+    assert worker.stats()["batches"] >= 2
