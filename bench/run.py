@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -21,12 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import nats
+import psutil
 
 from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.requester import ImageBusClient
@@ -69,24 +73,72 @@ def process(*args: str, ready: bool = True) -> Iterator[subprocess.Popen[str]]:
 
 
 @contextlib.contextmanager
-def orchestrators(nats_url: str, database_url: str, count: int) -> Iterator[None]:
+def orchestrators(nats_url: str, database_url: str, count: int) -> Iterator[list[int]]:
+    """`count` orchestrator processes; yields their pids once one answers."""
     with contextlib.ExitStack() as stack:
+        pids = []
         for _ in range(count):
-            stack.enter_context(
-                process(
-                    PYTHON,
-                    "-m",
-                    "imagebus",
-                    "orchestrator",
-                    "--nats-url",
-                    nats_url,
-                    "--database-url",
-                    database_url,
-                    ready=False,
-                )
-            )
+            child = stack.enter_context(
+                process(PYTHON, "-m", "imagebus", "orchestrator", "--nats-url", nats_url,
+                        "--database-url", database_url, ready=False)
+            )  # fmt: skip
+            pids.append(child.pid)
         asyncio.run(_wait_for_orchestrator(nats_url))
-        yield
+        yield pids
+
+
+class CostMeter:
+    """CPU seconds of every process taking part, and messages through nats-server,
+    from its creation to `per_job`."""
+
+    PARTS = ("orchestrators", "workers", "nats-server", "postgres", "requesters")
+
+    def __init__(self, nats_server: NatsServer, postgres: Postgres, pids: list[int]) -> None:
+        *orchestrator_pids, workers_pid = pids
+        assert nats_server.process is not None
+        self.nats_server = nats_server
+        self.processes = {
+            "orchestrators": [psutil.Process(pid) for pid in orchestrator_pids],
+            "workers": [psutil.Process(workers_pid)],
+            "nats-server": [psutil.Process(nats_server.process.pid)],
+            "postgres": [psutil.Process(postgres_pid(postgres))],
+        }
+        self._start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        sample = {part: sum(map(_tree_cpu, procs)) for part, procs in self.processes.items()}
+        times = psutil.Process().cpu_times()  # this process: the requesters
+        sample["requesters"] = times.user + times.system
+        sample["messages"] = float(_varz(self.nats_server)["in_msgs"])
+        return sample
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        """CPU milliseconds per job of each part, their total, and messages per job."""
+        end = self._sample()
+        costs = {part: (end[part] - self._start[part]) / jobs * 1e3 for part in self.PARTS}
+        costs["total"] = sum(costs.values())
+        costs["messages"] = (end["messages"] - self._start["messages"]) / jobs
+        return costs
+
+
+def _varz(server: NatsServer) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/varz") as response:
+        return dict(json.load(response))
+
+
+def postgres_pid(postgres: Postgres) -> int:
+    pid_file = next(postgres.data_dir.rglob("postmaster.pid"))
+    return int(pid_file.read_text().splitlines()[0])
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process and its children (PostgreSQL's backends)."""
+    total = 0.0
+    for member in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 async def _wait_for_orchestrator(url: str) -> None:
@@ -119,22 +171,34 @@ async def bare_round_trips(url: str, count: int) -> list[float]:
 
 
 async def dispatch_latencies(url: str, count: int) -> tuple[list[float], list[float]]:
-    """Sequential requests: publish -> worker starts (its first step), publish -> result."""
-    to_start, to_result = [], []
+    """Sequential requests: publish -> the worker starts (by the worker's own clock),
+    publish -> result received."""
+    published: dict[str, float] = {}
+    to_result: list[float] = []
     async with ImageBusClient(url) as client:
         for i in range(count + 10):
+            prompt = f"bench {i}"
             started = time.perf_counter()
-            began: list[float] = []
-            job = await client.submit(
-                "bench", width=8, height=8, steps=1,
-                on_progress=lambda p, began=began: began.append(time.perf_counter()),
-            )  # fmt: skip
+            job = await client.submit(prompt, width=8, height=8, steps=1)
             await job.wait(30)
             done = time.perf_counter()
-            if i >= 10 and began:  # the first ten warm up
-                to_start.append(began[0] - started)
+            if i >= 10:  # the first ten warm up
+                published[prompt] = started
                 to_result.append(done - started)
+        assert client.nc is not None
+        reply = await client.nc.request("bench.starts", b"", timeout=5)
+    starts = json.loads(reply.data)
+    to_start = [starts[prompt] - at for prompt, at in published.items()]
     return to_start, to_result
+
+
+async def orchestrator_stats(url: str, *, reset: bool = False) -> dict[str, Any]:
+    async with ImageBusClient(url) as client:
+        assert client.nc is not None
+        reply = await client.nc.request(
+            "imagebus.orchestrators.stats", b"reset" if reset else b"", timeout=5
+        )
+    return dict(json.loads(reply.data))
 
 
 async def throughput(url: str, jobs: int, concurrency: int, *, warm_up: bool = True) -> float:
@@ -163,11 +227,12 @@ def main() -> None:
     report = Report(args.quick)
     scale = 0.2 if args.quick else 1.0
     home = Path(tempfile.mkdtemp(prefix="imagebus-bench-"))
-    nats_server = NatsServer("127.0.0.1", free_port(), home / "nats").start()
+    nats_server = NatsServer(
+        "127.0.0.1", free_port(), home / "nats", monitor_port=free_port()
+    ).start()
     postgres = Postgres(home / "pg").start()
-    url = nats_server.url
     try:
-        run_all(report, url, postgres, scale)
+        run_all(report, nats_server, postgres, scale)
     finally:
         nats_server.stop()
         postgres.stop()
@@ -185,50 +250,76 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def run_all(report: Report, url: str, postgres: Postgres, scale: float) -> None:
+def run_all(report: Report, nats_server: NatsServer, postgres: Postgres, scale: float) -> None:
+    url = nats_server.url
     n = max(int(300 * scale), 30)
-    database_url = postgres.create_database("bench_dispatch")
     report.add("## 1. Dispatch overhead (no-op workers)")
     report.add("")
     with process(PYTHON, "-m", "bench.echo", url):
         rtt = asyncio.run(bare_round_trips(url, n))
-    with orchestrators(url, database_url, 1), process(PYTHON, "-m", "bench.workers", url, "4", "0"):
-        to_start, to_result = asyncio.run(dispatch_latencies(url, n))
     base = statistics.median(rtt)
+    rows = [("bare nats-py request/reply", rtt)]
+    for workers in (4, 64):
+        database_url = postgres.create_database(f"bench_dispatch_{workers}")
+        with (
+            orchestrators(url, database_url, 1),
+            process(PYTHON, "-m", "bench.workers", url, str(workers), "0"),
+        ):
+            asyncio.run(wait_for_workers(url, workers))
+            to_start, to_result = asyncio.run(dispatch_latencies(url, n))
+        rows.append((f"publish -> worker starts, {workers} workers", to_start))
+        rows.append((f"publish -> result received, {workers} workers", to_result))
     report.add("| path | p50 ms | p99 ms | p50 / bare round trip |")
     report.add("|---|---|---|---|")
-    for name, values in [
-        ("bare nats-py request/reply", rtt),
-        ("requester publish -> worker starts", to_start),
-        ("requester publish -> result received", to_result),
-    ]:
+    for name, values in rows:
         p50, p99 = statistics.median(values), percentile(values, 0.99)
         report.add(f"| {name} | {p50 * 1e3:.2f} | {p99 * 1e3:.2f} | {p50 / base:.1f}x |")
     report.add("")
     report.add(
-        f"Sequential requests, {n} samples each. The path to the worker is: JetStream "
-        "publish and ack, pull by the orchestrator, recruit (request-worker round trip), "
-        "assign (round trip), first progress event back to the requester."
+        f'Sequential requests, {n} samples each. "Worker starts" is taken by the worker '
+        "itself, on the machine's monotonic clock, when it calls the engine. The path: "
+        "JetStream publish, delivery to the orchestrator's pull consumer, validation, then "
+        "an assignment straight to a worker the pool view knows is free (no recruitment "
+        "round trip while the view knows one)."
     )
     report.add("")
 
-    report.add("## 2. Orchestrator throughput (16 no-op workers)")
+    report.add("## 2. Orchestrator throughput (16 no-op workers, 64 requests in flight)")
     report.add("")
-    jobs = max(int(1500 * scale), 200)
-    report.add("| orchestrators | concurrent requests | jobs/s |")
-    report.add("|---|---|---|")
+    jobs = max(int(3000 * scale), 300)
+    report.add(
+        "| orchestrators | jobs/s | orchestrator loop lag p50 / p99 / max ms "
+        "| CPU ms per job (orch., workers, nats, postgres, requesters) | messages per job |"
+    )
+    report.add("|---|---|---|---|---|")
     rates = {}
     for count in (1, 2):
         database_url = postgres.create_database(f"bench_throughput_{count}")
         with (
-            orchestrators(url, database_url, count),
-            process(PYTHON, "-m", "bench.workers", url, "16", "0"),
+            orchestrators(url, database_url, count) as orchestrator_pids,
+            process(PYTHON, "-m", "bench.workers", url, "16", "0") as workers,
         ):
-            rates[count] = asyncio.run(throughput(url, jobs, 64))
-        report.add(f"| {count} | 64 | {rates[count]:.0f} |")
+            asyncio.run(throughput(url, 200, 64))  # warm up
+            asyncio.run(orchestrator_stats(url, reset=True))
+            meter = CostMeter(nats_server, postgres, [*orchestrator_pids, workers.pid])
+            rates[count] = asyncio.run(throughput(url, jobs, 64, warm_up=False))
+            costs = meter.per_job(jobs)
+            lag = asyncio.run(orchestrator_stats(url))["loop_lag"]
+        cpu = " / ".join(f"{costs[k]:.2f}" for k in CostMeter.PARTS)
+        report.add(
+            f"| {count} | {rates[count]:.0f} | {lag['p50_ms']:.1f} / {lag['p99_ms']:.1f} / "
+            f"{lag['max_ms']:.1f} | {cpu} (total {costs['total']:.2f}) | "
+            f"{costs['messages']:.1f} |"
+        )
     report.add("")
-    report.add(f"{jobs} jobs of one image each; two orchestrators give "
-               f"{rates[2] / rates[1]:.2f}x one.")  # fmt: skip
+    report.add(
+        f"{jobs} jobs of one image each; two orchestrators give {rates[2] / rates[1]:.2f}x "
+        "one. Everything runs on this machine's cores at once (nats-server, PostgreSQL, "
+        "the orchestrators, the workers' process and the requesters), so the total CPU "
+        "milliseconds per job bound the rate: cores x 1000 / total. The loop lag is how "
+        "late the orchestrator's event loop ran a timer due during the run (sampled every "
+        "50 ms; with two orchestrators, one of them)."
+    )
     report.add("")
 
     report.add("## 3. Scaling with simulated workers (each job takes T = 0.2 s)")
@@ -236,24 +327,25 @@ def run_all(report: Report, url: str, postgres: Postgres, scale: float) -> None:
     report.add("| workers | jobs | jobs/s | ideal N/T | efficiency |")
     report.add("|---|---|---|---|---|")
     database_url = postgres.create_database("bench_scaling")
+    per_worker = 4 if scale < 1 else 16
     with orchestrators(url, database_url, 1):
         for workers in (1, 2, 4, 8, 16, 32, 64):
-            per_worker = 4 if scale < 1 else 8
             with process(PYTHON, "-m", "bench.workers", url, str(workers), "0.2"):
                 rate = asyncio.run(throughput(url, workers * per_worker, workers))
             ideal = workers / 0.2
             report.add(f"| {workers} | {workers * per_worker} | {rate:.1f} | {ideal:.0f} | "
                        f"{rate / ideal:.0%} |")  # fmt: skip
     report.add("")
+    report.add(
+        f"Each worker gets {per_worker} jobs on average, with as many requests in flight as "
+        "there are workers; a simulated job sleeps in the worker's thread and costs no CPU."
+    )
+    report.add("")
 
     report.add("## 4. End to end on the tiny model (CPU, 64x64, 4 steps)")
     report.add("")
-    images = max(int(60 * scale), 12)
-    plain = subprocess.run(
-        [PYTHON, "-m", "bench.plain_loop", str(images), "64", "4"],
-        env=QUIET, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    plain_rate = float(plain.stdout.strip().splitlines()[-1])
+    images = max(int(64 * scale), 16)
+    plain = {batch: _plain_loop(images, batch) for batch in (1, 8)}
     database_url = postgres.create_database("bench_e2e")
     with contextlib.ExitStack() as stack:
         stack.enter_context(orchestrators(url, database_url, 1))
@@ -262,33 +354,56 @@ def run_all(report: Report, url: str, postgres: Postgres, scale: float) -> None:
                 process(PYTHON, "-m", "imagebus", "worker", "--worker_id", f"e2e-{i}",
                         "--model", "tiny", "--threads", "1", "--nats-url", url, ready=False)
             )  # fmt: skip
-        asyncio.run(_wait_for_workers(url, 2))
-        bus_rate = asyncio.run(_tiny_throughput(url, images))
-    report.add("| setup | images/s | ratio |")
+        asyncio.run(wait_for_workers(url, 2))
+        two_workers = asyncio.run(_tiny_throughput(url, images))
+    database_url = postgres.create_database("bench_e2e_batching")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(orchestrators(url, database_url, 1))
+        stack.enter_context(
+            process(PYTHON, "-m", "imagebus", "worker", "--worker_id", "e2e-batching",
+                    "--model", "tiny", "--max-batch", "8", "--nats-url", url, ready=False)
+        )  # fmt: skip
+        asyncio.run(wait_for_workers(url, 1))
+        batching = asyncio.run(_tiny_throughput(url, images))
+    report.add("| setup | images/s | vs plain loop |")
     report.add("|---|---|---|")
-    report.add(
-        f"| plain diffusers loop, one process (torch threads: all) | {plain_rate:.2f} | 1.00x |"
-    )
-    report.add(f"| imagebus, 2 workers (1 torch thread each) | {bus_rate:.2f} | "
-               f"{bus_rate / plain_rate:.2f}x |")  # fmt: skip
+    rows = [
+        ("plain diffusers loop, one process, one image per call", plain[1]),
+        ("plain diffusers pipeline, batches of 8", plain[8]),
+        ("imagebus, 2 workers (1 torch thread each, no batching)", two_workers),
+        ("imagebus, 1 worker, --max-batch 8", batching),
+    ]
+    for name, rate in rows:
+        report.add(f"| {name} | {rate:.2f} | {rate / plain[1]:.2f}x |")
     report.add("")
-    report.add(f"{images} images each, PNG-encoded in both.")
+    report.add(
+        f"{images} images each, all PNG-encoded (level 1, as the worker does); the imagebus "
+        f"rows submit one request of {images} images. Everything shares this machine's "
+        "cores, the bus and the database included."
+    )
     report.add("")
     report.add("## 5. GPU")
     report.add("")
-    report.add(_gpu_note())
+    report.add(_gpu_section())
 
 
-async def _wait_for_workers(url: str, count: int) -> None:
+def _plain_loop(images: int, batch: int) -> float:
+    plain = subprocess.run(
+        [PYTHON, "-m", "bench.plain_loop", str(images), "64", "4", str(batch)],
+        env=QUIET, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(plain.stdout.strip().splitlines()[-1])
+
+
+async def wait_for_workers(url: str, count: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
     async with ImageBusClient(url) as client:
-        for _ in range(600):
-            try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
                 if len(await client.workers()) >= count:
                     return
-            except Exception:
-                pass
             await asyncio.sleep(0.2)
-    raise RuntimeError("workers did not come up")
+    raise RuntimeError(f"{count} workers did not come up within {timeout_s:g}s")
 
 
 async def _tiny_throughput(url: str, images: int) -> float:
@@ -307,16 +422,19 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _gpu_note() -> str:
+def _gpu_section() -> str:
+    """bench.gpu's table when a CUDA GPU is here; otherwise why it was skipped."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            return f"A GPU is present ({name}), but the GPU benchmark is not written yet."
+        if not torch.cuda.is_available():
+            return "Skipped: no CUDA GPU on this machine (`python -m bench.gpu` runs it on one)."
     except ImportError:
-        pass
-    return "Skipped: no CUDA GPU on this machine."
+        return "Skipped: torch is not installed."
+    measured = subprocess.run(
+        [PYTHON, "-m", "bench.gpu"], env=QUIET, capture_output=True, text=True, check=True
+    )
+    return f"Command: `python -m bench.gpu`\n\n{measured.stdout.strip()}"
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ class Registry:
     def update(self, advert: WorkerAdvert) -> None:
         known = advert.worker_id in self._workers
         self._workers[advert.worker_id] = (advert, time.monotonic())
-        if not known:  # later adverts may be older news than the acks and notices since
+        if not known or advert.state == "draining":
+            # Otherwise acks and notices keep the count: an advert may be older news.
             self.note_free(advert.worker_id, advert.free_slots)
 
     def note_free(self, worker_id: str, free_slots: int) -> None:

@@ -192,6 +192,8 @@ class WorkerAdvert:
     seconds_per_image: float = 0.0
     gpu_name: str | None = None
     vram_gb: float | None = None
+    max_batch: int = 1
+    mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,22 +5,26 @@ A GPU makes a batch of images in little more time than one (on an H100, SD 1.5 a
 with free slots takes several jobs and runs those that fit together (same model,
 size, steps and guidance: `engine.batch_key`) in one call. Each runner (one private
 pipeline) takes the oldest waiting image and every compatible one behind it, up
-to `max_batch`. If that is fewer than `max_batch`, it waits at most `window_s` for
-more to arrive, so a lone request is delayed by that much at most, and requesters
-that resubmit as soon as their images arrive join the next batch instead of
-splitting the pool into two half-sized ones.
+to `max_batch`. If that is fewer than `max_batch`, it waits a little for more to
+arrive (see `_fill`), but only when images are coming in together (`_concurrent`):
+a lone request on a worker serving one at a time starts at once, while
+requesters that resubmit as soon as their images arrive join the next batch
+instead of splitting into two half-sized ones.
 
 Seeds, prompts, progress and cancellation stay per image (see
-`DiffusionEngine.generate_batch`); with `max_batch` 1 this is a plain queue.
+`DiffusionEngine.render_batch`); with `max_batch` 1 this is a plain queue. PNG
+encoding runs in the engine's encoder threads while the runner starts the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from ..logs import get_logger
 from ..protocol import ImageParams
@@ -60,6 +64,10 @@ class Batcher:
         self.batches = 0  # pipeline calls made
         self.images = 0  # images made in them
         self._waiting: list[_Waiting] = []
+        self._running = 0  # batches being made now (by all runners)
+        self._last_batch = 0  # images in the batch made last
+        self._last_batch_s = 0.0  # and the seconds it took
+        self._encodings: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._log = get_logger(component="batcher", model=engine.model)
@@ -100,10 +108,6 @@ class Batcher:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiting)  # given up on before its batch began
 
-    @property
-    def mean_batch(self) -> float:
-        return self.images / self.batches if self.batches else 0.0
-
     # --- runners ---------------------------------------------------------------------
 
     def _take(self, key: Hashable | None, room: int) -> list[_Waiting]:
@@ -128,10 +132,33 @@ class Batcher:
             batch = self._take(None, self.max_batch)
             if not batch:
                 continue
-            if len(batch) < self.max_batch and self.window_s > 0:
-                await asyncio.sleep(self.window_s)
-                batch += self._take(batch[0].key, self.max_batch - len(batch))
-            await self._run_batch(batch)
+            if len(batch) < self.max_batch and self.window_s > 0 and self._concurrent(batch):
+                await self._fill(batch)
+            self._running += 1
+            try:
+                await self._run_batch(batch)
+            finally:
+                self._running -= 1
+
+    async def _fill(self, batch: list[_Waiting]) -> None:
+        """Add compatible images as they arrive, until the batch is full or the window
+        closes: `window_s`, or a tenth of the last batch's time if that is longer
+        (waiting 10% to make a batch several times larger pays on a GPU)."""
+        deadline = time.monotonic() + max(self.window_s, 0.1 * self._last_batch_s)
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+            batch += self._take(batch[0].key, self.max_batch - len(batch))
+
+    def _concurrent(self, batch: list[_Waiting]) -> bool:
+        """Whether requests are coming in together, so that waiting may fill the batch:
+        this one already has several images, another batch is being made, or the last
+        one had several. A lone request on a worker serving one at a time starts at once."""
+        return len(batch) > 1 or self._running > 0 or self._last_batch > 1
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
@@ -150,20 +177,41 @@ class Batcher:
                 future.result(timeout=_STEP_PUBLISH_TIMEOUT_S)
 
         items = [waiting.item for waiting in batch]
+        started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(
-                self.executor, self.engine.generate_batch, items, on_step
+            rendered = await loop.run_in_executor(
+                self.executor, self.engine.render_batch, items, on_step
             )
         except Exception as exc:  # the whole call failed: every image in it did
-            results = [exc] * len(batch)
+            rendered = [exc] * len(batch)
         self.batches += 1
         self.images += len(batch)
+        self._last_batch = len(batch)
+        self._last_batch_s = time.perf_counter() - started
         if len(batch) > 1:
             self._log.debug("batch made", images=len(batch))
-        for waiting, result in zip(batch, results, strict=True):
-            if waiting.result.done():
+        # Encoding (PNG) is left to the encoder threads, so that this runner can start
+        # the next batch at once: on a GPU the two then overlap.
+        for waiting, image in zip(batch, rendered, strict=True):
+            if isinstance(image, BaseException):
+                if not waiting.result.done():
+                    waiting.result.set_exception(image)
                 continue
-            if isinstance(result, BaseException):
-                waiting.result.set_exception(result)
+            encoding = asyncio.create_task(self._encode(waiting, image, started))
+            self._encodings.add(encoding)
+            encoding.add_done_callback(self._encodings.discard)
+
+    async def _encode(self, waiting: _Waiting, image: Any, started: float) -> None:
+        try:
+            if self.engine.encoder is None:
+                png = self.engine.encode(image)
             else:
-                waiting.result.set_result(result)
+                loop = asyncio.get_running_loop()
+                png = await loop.run_in_executor(self.engine.encoder, self.engine.encode, image)
+        except Exception as exc:
+            if not waiting.result.done():
+                waiting.result.set_exception(exc)
+            return
+        if not waiting.result.done():
+            seconds = time.perf_counter() - started
+            waiting.result.set_result(GeneratedImage(png, image.width, image.height, seconds))

@@ -1,8 +1,8 @@
 """The diffusion engine: one model, loaded once, generating images in batches.
 
 This is the only module of the worker that imports torch and diffusers. Calls
-to `generate_batch` block (run them in a thread) and may run concurrently, one
-per runner (see DiffusionEngine). A batch is several compatible images (same
+to `render_batch` and `generate_batch` block (run them in a thread) and may run
+concurrently, one per runner (see DiffusionEngine). A batch is several compatible images (same
 model, size, steps and guidance; see `batch_key`) made in one pipeline call,
 each from its own seed, so that it comes out as it would alone.
 """
@@ -17,7 +17,7 @@ import os
 import queue
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,7 @@ class DiffusionEngine:
         for _ in range(max(runners, 1)):
             self._idle.put(_private_pipeline(pipeline))
         # Pillow encodes outside the GIL: a batch's images are encoded in parallel.
-        self._encoder = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), "imagebus-png")
+        self.encoder = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), "imagebus-png")
 
     @property
     def models(self) -> list[str]:
@@ -120,13 +120,33 @@ class DiffusionEngine:
     def generate_batch(
         self, items: Sequence[BatchItem], on_step: StepCallback | None = None
     ) -> list[BatchResult]:
-        """Generate compatible images in one pipeline call (blocking: call it from a
-        thread). `on_step` is called once per denoising step for the whole batch. An
-        item whose `should_stop` turns true comes back as GenerationCancelled; the
-        call stops early only when every item has."""
+        """Generate compatible images in one pipeline call, as PNGs (blocking: call it
+        from a thread). See `render_batch`."""
+        started = time.perf_counter()
+        rendered = self.render_batch(items, on_step)
+        images = [image for image in rendered if not isinstance(image, BaseException)]
+        pngs = iter(list(self.encoder.map(self.encode, images)))
+        seconds = time.perf_counter() - started
+        return [
+            image
+            if isinstance(image, BaseException)
+            else GeneratedImage(next(pngs), image.width, image.height, seconds)
+            for image in rendered
+        ]
+
+    def encode(self, image: Any) -> bytes:
+        return encode_png(image)
+
+    def render_batch(
+        self, items: Sequence[BatchItem], on_step: StepCallback | None = None
+    ) -> list[Any]:
+        """Run compatible images through one pipeline call (blocking: call it from a
+        thread); PIL images, to be encoded with `encode` (the worker does that while
+        the next batch runs). `on_step` is called once per denoising step for the
+        whole batch. An item whose `should_stop` turns true comes back as a
+        GenerationCancelled instance; the call stops early only when every item has."""
         import torch
 
-        started = time.perf_counter()
         first = items[0].params
         if any(batch_key(item.params) != batch_key(first) for item in items):
             raise ValueError("a batch's images must share model, size, steps and guidance")
@@ -157,14 +177,19 @@ class DiffusionEngine:
                     images = pipeline(**kwargs).images
         finally:
             self._idle.put(pipeline)
-        pngs = list(self._encoder.map(encode_png, images))
-        seconds = time.perf_counter() - started
         return [
-            GenerationCancelled()
-            if item.stopped()
-            else GeneratedImage(png, image.width, image.height, seconds)
-            for item, image, png in zip(items, images, pngs, strict=True)
+            GenerationCancelled() if item.stopped() else image
+            for item, image in zip(items, images, strict=True)
         ]
+
+
+@dataclass(frozen=True)
+class _NoopImage:
+    width: int = 8
+    height: int = 8
+
+
+_NOOP_IMAGE = _NoopImage()
 
 
 class NoopEngine:
@@ -178,6 +203,7 @@ class NoopEngine:
     device = "cpu"
     gpu_name: str | None = None
     vram_gb: float | None = None
+    encoder: Executor | None = None  # its "encoding" is instant: done inline
 
     def __init__(self, seconds: float = 0.0) -> None:
         from PIL import Image
@@ -205,11 +231,20 @@ class NoopEngine:
     def generate_batch(
         self, items: Sequence[BatchItem], on_step: StepCallback | None = None
     ) -> list[BatchResult]:
+        rendered = self.render_batch(items, on_step)
+        return [GeneratedImage(self._png, 8, 8, self.seconds) for _ in rendered]
+
+    def render_batch(
+        self, items: Sequence[BatchItem], on_step: StepCallback | None = None
+    ) -> list[Any]:
         if on_step is not None:
             on_step(1, items[0].params.steps)
         if self.seconds:
             time.sleep(self.seconds)  # a batch costs what one image does: a simulated GPU
-        return [GeneratedImage(self._png, 8, 8, self.seconds) for _ in items]
+        return [_NOOP_IMAGE] * len(items)
+
+    def encode(self, image: Any) -> bytes:
+        return self._png
 
 
 # What a worker runs jobs on: a real diffusion model, or the benchmark stand-in.
@@ -294,6 +329,10 @@ def load_engine(
         from .tiny import build_tiny_pipeline
 
         pipeline = build_tiny_pipeline()
+    elif model == "sd15-random":
+        from .tiny import build_sd15_random_pipeline
+
+        pipeline = build_sd15_random_pipeline(device)
     else:
         pipeline = _from_pretrained(model, device)
     pipeline = pipeline.to(device)

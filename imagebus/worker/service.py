@@ -157,6 +157,7 @@ class Worker:
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking work, finish what is running (up to `grace_s`), then disconnect."""
         self._draining = True
+        await self._advertise()  # "draining", no free slot: orchestrators stop assigning here
         if self.nc is not None and self._subscriptions:
             with contextlib.suppress(Exception):
                 await self._subscriptions[-1].unsubscribe()  # leave the queue group first
@@ -247,7 +248,7 @@ class Worker:
             models=self.models,
             device=self.settings.device,
             slots=self.settings.slots,
-            free_slots=max(self.free_slots, 0),
+            free_slots=0 if self._draining else max(self.free_slots, 0),
             max_pixels=self.settings.max_pixels,
             state=state,
             tasks_done=self.tasks_done,
@@ -255,7 +256,14 @@ class Worker:
             seconds_per_image=self._seconds_total / self.tasks_done if self.tasks_done else 0.0,
             gpu_name=self.default_engine.gpu_name if self.engines else None,
             vram_gb=self.default_engine.vram_gb if self.engines else None,
+            max_batch=self.settings.max_batch,
+            mean_batch=self._mean_batch(),
         )
+
+    def _mean_batch(self) -> float:
+        batches = sum(b.batches for b in self._batchers.values())
+        images = sum(b.images for b in self._batchers.values())
+        return round(images / batches, 2) if batches else 0.0
 
     async def _advertise(self) -> None:
         if self.nc is not None:
@@ -499,9 +507,5 @@ class Worker:
             "running": len(self._running),
             # Pipeline calls made, and images per call on average (dynamic batching).
             "batches": sum(b.batches for b in self._batchers.values()),
-            "mean_batch": round(
-                sum(b.images for b in self._batchers.values())
-                / max(sum(b.batches for b in self._batchers.values()), 1),
-                2,
-            ),
+            "mean_batch": self._mean_batch(),
         }

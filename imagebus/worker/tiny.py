@@ -1,4 +1,6 @@
-"""The built-in `tiny` model: a real StableDiffusionPipeline with small random weights.
+"""The built-in models: real StableDiffusionPipelines with random weights, no download.
+
+`tiny`: small random weights.
 
 Every component is the genuine diffusers/transformers class (UNet2DConditionModel,
 AutoencoderKL, CLIPTextModel, CLIPTokenizer, a scheduler), only shrunk, and the
@@ -6,6 +8,11 @@ weights are drawn from a fixed seed, so every process builds the same model with
 no download. Its images are noise-like, but its code path, step callbacks,
 seeding and PNG output are those of a full-size model: it is what tests, CI and
 `make demo` run. The VAE downsamples by 8 like Stable Diffusion's.
+
+`sd15-random`: the full-size Stable Diffusion 1.5 architecture (860M-parameter
+UNet, its VAE and CLIP ViT-L/14 text encoder) with random weights, built on the
+device in bf16 (float32 on CPU). A denoising step costs what it costs with the
+real weights, so GPU benchmarks can run it offline; its images are meaningless.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_MODEL = "tiny"
+SD15_RANDOM_MODEL = "sd15-random"
 _WEIGHTS_SEED = 0
 
 
@@ -97,6 +105,56 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_sd15_random_pipeline(device: str = "cpu") -> StableDiffusionPipeline:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokenizer = tiny_tokenizer()  # token ids only index the (full-size) embedding table
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(_WEIGHTS_SEED)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    if dtype != torch.float32:
+        vae, text_encoder, unet = vae.to(dtype), text_encoder.to(dtype), unet.to(dtype)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
