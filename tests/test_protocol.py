@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -13,11 +14,13 @@ from hypothesis import strategies as st
 from imagebus.protocol import (
     Dialect,
     ImageParams,
+    JobStatus,
     Limits,
     ProtocolError,
     RequestError,
     TaskAssignment,
     TaskResult,
+    TaskStatus,
     decode,
     decode_request,
     encode,
@@ -35,6 +38,11 @@ def test_messages_round_trip_through_msgpack() -> None:
     assert decode(TaskAssignment, encode(assignment)) == assignment
     result = TaskResult("job", 0, True, 5, "w", png=b"\x89PNG", width=8, height=8)
     assert decode(TaskResult, encode(result)) == result
+    status = JobStatus("job", "done", 1, 1, 0, "p", "2026-01-01", None, [TaskStatus(0, 5, "done")])
+    assert decode(JobStatus, encode(status)) == status
+    # The fast encoder writes exactly what dataclasses.asdict would.
+    for message in (assignment, result, status):
+        assert encode(message) == msgpack.packb(dataclasses.asdict(message), use_bin_type=True)
 
 
 @pytest.mark.parametrize(

@@ -81,15 +81,16 @@ class Registry:
         the registry cannot tell yet (just started, or no worker advertised)."""
         if time.monotonic() - self._started < self.warm_after_s:
             return None
-        workers = list(self._trusted(blacklisted))
-        if not workers:
-            return None  # recruitment will say there is no worker at all
+        workers: list[WorkerAdvert] = []  # the unfit ones; usually the first one fits
         reasons: Counter[OfferReason] = Counter()
-        for worker in workers:
+        for worker in self._trusted(blacklisted):
             reason = unfit_reason(worker, call)
             if reason is None:
                 return None
             reasons[reason] += 1
+            workers.append(worker)
+        if not workers:
+            return None  # recruitment will say there is no worker at all
         return describe_unfit(reasons.most_common(1)[0][0], call, workers)
 
     def fits_somewhere(self, call: RecruitCall, blacklisted: frozenset[str]) -> bool:
