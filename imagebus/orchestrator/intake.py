@@ -69,8 +69,8 @@ class Intake:
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
         self.max_age_s = max_age_s
-        self._slots = asyncio.Semaphore(capacity)
         self._capacity = capacity
+        self._slot_freed = asyncio.Event()
         self._running: dict[asyncio.Task[None], Msg] = {}
         self._puller: asyncio.Task[None] | None = None
         self._subscription: JetStreamContext.PullSubscription | None = None
@@ -116,11 +116,10 @@ class Intake:
 
     async def _pull(self, subscription: JetStreamContext.PullSubscription) -> None:
         while True:
-            await self._slots.acquire()
-            free = 1
-            while free < min(self._capacity, 64) and not self._slots.locked():
-                await self._slots.acquire()
-                free += 1
+            while len(self._running) >= self._capacity:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            free = min(self._capacity - len(self._running), 64)
             try:
                 messages = await subscription.fetch(batch=free, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
@@ -133,15 +132,13 @@ class Intake:
                 task = asyncio.create_task(self._serve(message))
                 self._running[task] = message
                 task.add_done_callback(self._served)
-            for _ in range(free - len(messages)):
-                self._slots.release()
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
-        self._slots.release()
+        self._slot_freed.set()
 
     async def _serve(self, msg: Msg) -> None:
-        keepalive = asyncio.create_task(self._keep_in_progress(msg))
+        keepalive = _InProgress(msg, self.ack_wait_s / 3)
         try:
             await self.handle(msg, job_id_for(msg, self._epoch))
         except asyncio.CancelledError:
@@ -160,8 +157,27 @@ class Intake:
             await msg.ack()
         self.served += 1
 
-    async def _keep_in_progress(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self.ack_wait_s / 3)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+
+class _InProgress:
+    """Tells JetStream every `every_s` that a request is still being served, so it is
+    not redelivered meanwhile. A timer, not a task: most jobs end before it fires."""
+
+    def __init__(self, msg: Msg, every_s: float) -> None:
+        self.msg = msg
+        self.every_s = every_s
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(every_s, self._fire)
+        self._sending: asyncio.Task[None] | None = None
+
+    def _fire(self) -> None:
+        self._sending = self._loop.create_task(self._send())
+        self._timer = self._loop.call_later(self.every_s, self._fire)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.msg.in_progress()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._sending is not None:
+            self._sending.cancel()

@@ -426,30 +426,29 @@ class Orchestrator:
             log.warning("request redelivered while still being served here; ignored")
             return
         self._running_jobs[job.job_id] = job
-        tasks = [asyncio.create_task(self._run_task(job, i)) for i in range(request.n)]
         try:
-            _, unfinished = await asyncio.wait(tasks, timeout=request.job_timeout_s)
-            if unfinished:
-                await self._end_job_on_timeout(job, unfinished)
+            try:
+                async with asyncio.timeout(request.job_timeout_s):
+                    if request.n == 1:
+                        await self._run_task(job, 0)  # no task of its own: the common case
+                    else:
+                        await asyncio.gather(*(self._run_task(job, i) for i in range(request.n)))
+            except TimeoutError:  # the images' coroutines have been cancelled
+                await self._end_job_on_timeout(job)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             del self._running_jobs[job.job_id]
         log.info("job finished")
 
-    async def _end_job_on_timeout(self, job: Job, unfinished: set[asyncio.Task[None]]) -> None:
+    async def _end_job_on_timeout(self, job: Job) -> None:
         """The job timeout struck: keep the images made, fail and stop the rest."""
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)
         error = f"the job did not finish within its job timeout of {job.request.job_timeout_s:g}s"
+        unanswered = job.request.n - len(job.answered)
         for index in range(job.request.n):
             if index not in job.answered:
                 # Quietly stop a worker still on it; the requester hears it from here.
                 await self._publish_cancel(JobCancel(job.job_id, index, "job timeout"))
                 await self._fail_task(job, index, error, ErrorCode.JOB_TIMEOUT)
-        self._log.warning("job timed out", job_id=job.job_id, unanswered=len(unfinished))
+        self._log.warning("job timed out", job_id=job.job_id, unanswered=unanswered)
 
     async def _run_task(self, job: Job, index: int) -> None:
         """Recruit, assign and watch one image until it is answered, one way or another."""
