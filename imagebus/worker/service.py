@@ -293,7 +293,7 @@ class Worker:
         elif self._draining:
             reason = "worker is shutting down"
         elif held is None and self.free_slots <= 0:
-            reason = "reservation expired and no slot is free"
+            reason = "no free slot" if not assignment.reservation_id else "reservation expired"
         else:
             reason = None
         if reason is not None or not s.is_valid_inbox(assignment.reply_inbox):
