@@ -29,7 +29,7 @@ from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.requester import ImageBusClient
 from imagebus.worker.engine import load_engine
 
-from .run import PYTHON, QUIET, orchestrators, process, wait_for_workers
+from .run import PYTHON, QUIET, advert_after_work, orchestrators, process, wait_for_workers
 
 
 def plain_rates(
@@ -160,10 +160,7 @@ def main() -> None:
 
 
 async def _mean_batch(url: str) -> float:
-    await asyncio.sleep(2.5)  # the next advertisement
-    async with ImageBusClient(url) as client:
-        (listing,) = await client.workers()
-    return listing.advert.mean_batch
+    return (await advert_after_work(url)).mean_batch
 
 
 def _version(package: str) -> str:

@@ -33,6 +33,7 @@ import nats
 import psutil
 
 from imagebus.embedded import NatsServer, Postgres, free_port
+from imagebus.protocol import WorkerAdvert
 from imagebus.requester import ImageBusClient
 
 PYTHON = sys.executable
@@ -374,13 +375,18 @@ def run_all(report: Report, nats_server: NatsServer, postgres: Postgres, scale: 
         )  # fmt: skip
         asyncio.run(wait_for_workers(url, 1))
         batching = asyncio.run(_tiny_throughput(url, images))
+        advert = asyncio.run(advert_after_work(url))
     report.add("| setup | images/s | vs plain loop |")
     report.add("|---|---|---|")
     rows = [
         ("plain diffusers loop, one process, one image per call", plain[1]),
         ("plain diffusers pipeline, batches of 8", plain[8]),
         ("imagebus, 2 workers (1 torch thread each, no batching)", two_workers),
-        ("imagebus, 1 worker, --max-batch 8 (1 torch thread)", batching),
+        (
+            f"imagebus, 1 worker, --max-batch 8 (1 torch thread; {advert.mean_batch:.1f} images "
+            f"per call on average; its event loop's lag p99 {advert.loop_lag_p99_ms:.1f} ms)",
+            batching,
+        ),
     ]
     for name, rate in rows:
         report.add(f"| {name} | {rate:.2f} | {rate / plain[1]:.2f}x |")
@@ -415,6 +421,14 @@ async def wait_for_workers(url: str, count: int, timeout_s: float = 120.0) -> No
                     return
             await asyncio.sleep(0.2)
     raise RuntimeError(f"{count} workers did not come up within {timeout_s:g}s")
+
+
+async def advert_after_work(url: str) -> WorkerAdvert:
+    """The only worker's advertisement, once it has advertised what it did."""
+    await asyncio.sleep(2.5)  # workers advertise every 2 s
+    async with ImageBusClient(url) as client:
+        (listing,) = await client.workers()
+    return listing.advert
 
 
 async def _tiny_throughput(url: str, images: int) -> float:

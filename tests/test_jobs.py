@@ -171,7 +171,7 @@ async def test_a_preset_fills_in_what_the_request_leaves_out(stack: Stack) -> No
 
 async def test_workers_are_listed_with_their_state(stack: Stack) -> None:
     await stack.start_orchestrator()
-    await stack.start_worker("listed-worker")
+    listed = await stack.start_worker("listed-worker")
     await stack.start_worker("blacklisted-worker")
     await _warm(stack, 2)
     async with ImageBusClient(stack.nats_url) as client:
@@ -181,6 +181,8 @@ async def test_workers_are_listed_with_their_state(stack: Stack) -> None:
     assert listing["listed-worker"].advert.models == ["tiny"]
     assert listing["listed-worker"].advert.device == "cpu"
     assert listing["listed-worker"].advert.tasks_done == 1
+    assert listing["listed-worker"].advert.mean_batch == 1.0  # one image, one call
+    assert listed.loop_lag.summary()["samples"] > 10  # its loop's lag is being measured
     assert not listing["listed-worker"].blacklisted
     assert listing["blacklisted-worker"].blacklisted
     code, stdout, _ = await run_cli("workers", "--nats-url", stack.nats_url)

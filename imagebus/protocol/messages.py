@@ -194,6 +194,7 @@ class WorkerAdvert:
     vram_gb: float | None = None
     max_batch: int = 1
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
+    loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
 
 
 @dataclass(frozen=True, slots=True)

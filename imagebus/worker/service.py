@@ -25,6 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..connections import connect
 from ..logs import get_logger
+from ..looplag import LoopLag
 from ..protocol import (
     AssignmentAck,
     CapacityNotice,
@@ -97,6 +98,7 @@ class Worker:
             settings.slots, thread_name_prefix=f"imagebus-{self.id}"
         )
         self._batchers: dict[str, Batcher] = {}
+        self.loop_lag = LoopLag()
         self._log = get_logger(worker_id=self.id)
 
     @property
@@ -118,6 +120,7 @@ class Worker:
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        self.loop_lag.start()
         runners = self.settings.runners
         for model in self.settings.model_names if not self.engines else []:
             if model == NoopEngine.model:
@@ -171,6 +174,7 @@ class Worker:
             self._heartbeats.cancel()
         for batcher in self._batchers.values():
             await batcher.stop()
+        await self.loop_lag.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -258,6 +262,7 @@ class Worker:
             vram_gb=self.default_engine.vram_gb if self.engines else None,
             max_batch=self.settings.max_batch,
             mean_batch=self._mean_batch(),
+            loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
         )
 
     def _mean_batch(self) -> float:
