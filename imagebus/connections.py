@@ -60,7 +60,7 @@ async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> Non
         user_credentials=bus.creds_file,
         # Keep trying for ever: a restarted server must not take the fleet down.
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; nats-py takes a float
         ping_interval=10,
         max_outstanding_pings=3,
         connect_timeout=5,

@@ -19,6 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 
@@ -113,7 +114,7 @@ class Postgres:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self._server = None
+        self._server: Any = None  # a pgserver.PostgresServer once started
 
     def start(self) -> Postgres:
         # pgserver's platformdirs warns whenever XDG_RUNTIME_DIR is unset; harmless.

@@ -37,7 +37,8 @@ def _plain(value: Any) -> Any:
         return value
     if hasattr(cls, "__dataclass_fields__"):
         plain = {}
-        for name in _field_names(cls):
+        message_type: Any = cls
+        for name in _field_names(message_type):
             field_value = getattr(value, name)
             plain[name] = field_value if type(field_value) in _SCALARS else _plain(field_value)
         return plain
@@ -49,7 +50,7 @@ def _plain(value: Any) -> Any:
 
 
 @cache
-def _field_names(cls: type) -> tuple[str, ...]:
+def _field_names(cls: Any) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
@@ -62,7 +63,8 @@ def decode(cls: type[T], payload: bytes) -> T:
 
 
 def from_dict(cls: type[T], data: Any) -> T:
-    return typing.cast(T, _converter(cls)(data, cls.__name__))
+    hint: Any = cls
+    return typing.cast(T, _converter(hint)(data, cls.__name__))
 
 
 # A converter checks a decoded value against a type hint and builds the typed value;

@@ -17,6 +17,8 @@ real weights, so GPU benchmarks can run it offline; its images are meaningless.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -52,7 +54,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_tiny_pipeline() -> StableDiffusionPipeline:
+def build_tiny_pipeline() -> Any:
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_WEIGHTS_SEED)
@@ -99,7 +101,7 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         num_train_timesteps=1000,
         steps_offset=1,
     )
-    pipeline = StableDiffusionPipeline(
+    pipeline: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -113,7 +115,7 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     return pipeline
 
 
-def build_sd15_random_pipeline(device: str = "cpu") -> StableDiffusionPipeline:
+def build_sd15_random_pipeline(device: str = "cpu") -> Any:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tokenizer = tiny_tokenizer()  # token ids only index the (full-size) embedding table
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -141,9 +143,10 @@ def build_sd15_random_pipeline(device: str = "cpu") -> StableDiffusionPipeline:
             latent_channels=4,
             sample_size=512,
         )
+    modules: list[Any] = [vae, text_encoder, unet]
     if dtype != torch.float32:
-        vae, text_encoder, unet = vae.to(dtype), text_encoder.to(dtype), unet.to(dtype)
-    pipeline = StableDiffusionPipeline(
+        vae, text_encoder, unet = (module.to(dtype) for module in modules)
+    pipeline: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
