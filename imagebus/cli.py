@@ -297,6 +297,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=args.steps,
                     timeout=args.timeout,
                     show_progress=False if args.no_progress else None,
+                    on_job_id=lambda job_id: print(
+                        f"job {job_id} (imagebus job status|wait|fetch {job_id})",
+                        file=sys.stderr,
+                    ),
                     width=args.width,
                     height=args.height,
                     guidance=args.guidance,

@@ -27,6 +27,8 @@ async def test_generate_writes_valid_pngs_of_the_requested_size(
     records = [json.loads(line) for line in stdout.splitlines()]
     assert [r["seed"] for r in records] == [7, 8, 9]
     assert {r["worker_id"] for r in records} <= workers
+    job_id = records[0]["job_id"]  # said on stderr as soon as it was accepted
+    assert f"job {job_id} (imagebus job status|wait|fetch {job_id})" in stderr
     for record in records:
         path = Path(record["path"])
         assert path.parent == tmp_path

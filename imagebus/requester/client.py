@@ -134,14 +134,22 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
+    async def accepted(self, timeout: float | None = 10.0) -> str:
+        """The job id, once an orchestrator has accepted the request."""
+        try:
+            await asyncio.wait_for(self._accepted.wait(), timeout)
+        except TimeoutError:
+            raise ImageBusError("the job was not accepted in time", "not_accepted") from None
+        assert self.job_id is not None
+        return self.job_id
+
     async def cancel(self) -> None:
         """Ask for the job to stop: queued images are dropped, running ones stop at
         their next step, and each unfinished image is answered as cancelled."""
-        if self.job_id is None:
-            try:
-                await asyncio.wait_for(self._accepted.wait(), 10)
-            except TimeoutError:
-                raise ImageBusError("the job was never accepted; nothing to cancel") from None
+        try:
+            await self.accepted()
+        except ImageBusError:
+            raise ImageBusError("the job was never accepted; nothing to cancel") from None
         assert self.job_id is not None
         if self._nc is not None:
             await self._nc.publish(s.CANCEL_SUBJECT, encode(JobCancel(self.job_id)))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol import DEFAULT_STEPS
-from .client import GeneratedImage, GenerationFailed, ImageBusClient
+from .client import GeneratedImage, GenerationFailed, ImageBusClient, ImageBusError, Job
 from .progress import ProgressBars
 
 
@@ -30,6 +33,7 @@ async def generate_and_save(
     steps: int | None,
     timeout: float | None,
     show_progress: bool | None = None,
+    on_job_id: Callable[[str], None] | None = None,
     **options: object,
 ) -> Outcome:
     # The bars learn the real counts from the events; these are first guesses.
@@ -45,13 +49,31 @@ async def generate_and_save(
             on_assigned=bars.assigned,
             **options,  # type: ignore[arg-type]
         )
+        announced: list[str] = []
+
+        def announce_once() -> None:
+            if on_job_id is not None and job.job_id is not None and not announced:
+                announced.append(job.job_id)
+                on_job_id(job.job_id)
+
+        # Say the job id as soon as it is known, so a user may come back for it later.
+        announcing = asyncio.create_task(_when_accepted(job, announce_once))
         try:
             images = await job.wait(timeout)
         except GenerationFailed as failed:
             images = failed.images
             outcome.failures = [f"image {f.index + 1}: {f.error}" for f in failed.failures]
+        finally:
+            announcing.cancel()
+            announce_once()
     finally:
         bars.close()
     outcome.images = images
     outcome.saved = [image.save(out_dir) for image in images]
     return outcome
+
+
+async def _when_accepted(job: Job, then: Callable[[], None]) -> None:
+    with contextlib.suppress(ImageBusError):
+        await job.accepted(timeout=None)
+        then()
