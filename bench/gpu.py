@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.requester import ImageBusClient
@@ -65,6 +66,60 @@ def plain_rates(
     return rates, versions
 
 
+SPEEDUPS = {
+    "plain": {},
+    "--channels-last": {"channels_last": True},
+    "--compile": {"compile_unet": True},
+    "--channels-last --compile": {"channels_last": True, "compile_unet": True},
+}
+
+
+def speedup_rates(
+    model: str, device: str, size: int, steps: int, batch: int, calls: int
+) -> list[tuple[str, float, int]]:
+    """Images/s of one worker engine with each opt-in speed-up, in calls of `batch`
+    images, and the largest pixel difference from the plain engine's images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imagebus.protocol import ImageParams
+    from imagebus.worker.engine import BatchItem, GeneratedImage
+
+    params = ImageParams("a lighthouse", size, size, steps, 1.0)
+    items = [BatchItem(params, seed) for seed in range(batch)]
+
+    def pixels(image: object) -> Any:
+        assert isinstance(image, GeneratedImage)
+        with Image.open(io.BytesIO(image.png)) as png:
+            return np.asarray(png.convert("RGB"), dtype=np.int16)
+
+    rows: list[tuple[str, float, int]] = []
+    reference = None
+    for name, options in SPEEDUPS.items():
+        engine = load_engine(model, device, **options)
+        for _ in range(2):  # warm up; with --compile, this compiles
+            engine.render_batch(items)
+        started = time.perf_counter()
+        for _ in range(calls):
+            engine.render_batch(items)
+            _synchronize(device)
+        rate = calls * batch / (time.perf_counter() - started)
+        images = [pixels(image) for image in engine.generate_batch(items[:4])]
+        reference = reference or images
+        difference = max(int(abs(a - b).max()) for a, b in zip(reference, images, strict=True))
+        rows.append((name, rate, difference))
+    return rows
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 async def bus_rate(url: str, concurrency: int, images: int, size: int, steps: int) -> float:
     gate = asyncio.Semaphore(concurrency)
     async with ImageBusClient(url) as client:
@@ -99,7 +154,10 @@ def main() -> None:
         rates, versions = plain_rates(
             args.model, args.device, args.size, args.steps, args.images, batches
         )
-        print(json.dumps({"rates": rates, "versions": versions}))
+        speedups = speedup_rates(
+            args.model, args.device, args.size, args.steps, max(batches), calls=3
+        )
+        print(json.dumps({"rates": rates, "versions": versions, "speedups": speedups}))
         return
     # The plain loop runs in a process of its own, so that it has the machine (and the
     # GPU's memory) to itself, and leaves no torch threads behind in this one.
@@ -110,6 +168,7 @@ def main() -> None:
     result = json.loads(measured.stdout.strip().splitlines()[-1])
     plain = {int(batch): rate for batch, rate in result["rates"].items()}
     versions = result["versions"]
+    speedups = result["speedups"]
     home = Path(tempfile.mkdtemp(prefix="imagebus-gpu-bench-"))
     nats_server = NatsServer("127.0.0.1", free_port(), home / "nats").start()
     postgres = Postgres(home / "pg").start()
@@ -157,6 +216,13 @@ def main() -> None:
     print(
         f"\nimagebus at 1 request vs the plain one-image loop: {bus[concurrencies[0]] / one:.2f}x"
     )
+    print(f"\nThe model itself: one worker engine, batches of {max(batches)}, rendering only, "
+          "after two warm-up calls (which is when --compile compiles):\n")  # fmt: skip
+    print("| worker option | images/s | vs plain | largest pixel difference (of 255) |")
+    print("|---|---|---|---|")
+    base = speedups[0][1]
+    for name, rate, difference in speedups:
+        print(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {difference} |")
 
 
 async def _mean_batch(url: str) -> float:

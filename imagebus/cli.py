@@ -123,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a batch that is not full waits for more images (default 5 ms)",
     )
     worker.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=env_str("IMAGEBUS_CHANNELS_LAST", "") == "1",
+        help="store convolution weights NHWC (faster on most GPUs; env IMAGEBUS_CHANNELS_LAST=1)",
+    )
+    worker.add_argument(
+        "--compile",
+        action="store_true",
+        default=env_str("IMAGEBUS_COMPILE", "") == "1",
+        help="torch.compile the UNet: faster steps after a slow first call at each size"
+        " (env IMAGEBUS_COMPILE=1)",
+    )
+    worker.add_argument(
         "--threads",
         type=int,
         default=env_int("IMAGEBUS_TORCH_THREADS", 0),
@@ -267,6 +280,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         slots=args.slots or max_batch,
         max_batch=max_batch,
         batch_window_ms=args.batch_window_ms,
+        channels_last=args.channels_last,
+        compile_unet=args.compile,
         torch_threads=args.threads,
         noop_seconds=args.noop_seconds,
     )

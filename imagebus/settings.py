@@ -121,6 +121,9 @@ class WorkerSettings:
     # at most `batch_window_ms` for a batch to fill (see worker/batching.py).
     max_batch: int = 1
     batch_window_ms: float = 5.0
+    # Opt-in model speed-ups (see engine.load_engine).
+    channels_last: bool = False
+    compile_unet: bool = False
     # A willing answer holds a slot this long for the orchestrator to claim it.
     lease_s: float = 5.0
     heartbeat_s: float = 1.0

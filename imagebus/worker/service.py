@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,15 @@ class Worker:
                 self.engines[model] = NoopEngine(self.settings.noop_seconds)
                 continue
             self.engines[model] = await asyncio.to_thread(
-                load_engine, model, self.settings.device, self.settings.torch_threads, runners
+                functools.partial(
+                    load_engine,
+                    model,
+                    self.settings.device,
+                    self.settings.torch_threads,
+                    runners,
+                    channels_last=self.settings.channels_last,
+                    compile_unet=self.settings.compile_unet,
+                )
             )
         for model, engine in self.engines.items():
             self._batchers[model] = Batcher(
