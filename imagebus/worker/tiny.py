@@ -94,25 +94,7 @@ def build_tiny_pipeline() -> Any:
             norm_num_groups=8,
             sample_size=64,
         )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-    )
-    pipeline: Any = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _assemble(vae, text_encoder, tokenizer, unet)
 
 
 def build_sd15_random_pipeline(device: str = "cpu") -> Any:
@@ -146,21 +128,27 @@ def build_sd15_random_pipeline(device: str = "cpu") -> Any:
     modules: list[Any] = [vae, text_encoder, unet]
     if dtype != torch.float32:
         vae, text_encoder, unet = (module.to(dtype) for module in modules)
-    pipeline: Any = StableDiffusionPipeline(
+    return _assemble(vae, text_encoder, tokenizer, unet)
+
+
+def _assemble(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A StableDiffusionPipeline over these modules, with SD 1.5's Euler schedule."""
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-        ),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipeline
