@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
 
 import asyncpg
+import pytest
 from PIL import Image
 
-from imagebus.requester import ImageBusClient, Progress
+from imagebus.requester import ImageBusClient, ImageBusError, Progress
 
 from .conftest import Stack
 from .helpers import SETTLE_S
@@ -63,3 +65,20 @@ async def test_same_seed_gives_the_same_image_bytes(stack: Stack) -> None:
     assert first[0].seed == again[0].seed == 1234
     assert first[0].png == again[0].png
     assert first[0].png != other[0].png
+
+
+async def test_a_result_no_longer_waited_for_is_confirmed_so_the_worker_moves_on(
+    stack: Stack,
+) -> None:
+    await stack.start_orchestrator()
+    worker = await stack.start_worker(slots=1)
+    async with ImageBusClient(stack.nats_url) as client:
+        given_up = await client.submit("slow", width=128, height=128, steps=30)
+        with pytest.raises(ImageBusError, match="timed out"):
+            await given_up.wait(0.2)  # the requester stops waiting; the client stays open
+        # Unconfirmed, the worker would re-send that result for 30 s, its only slot held.
+        started = time.monotonic()
+        images = await client.generate("next", width=64, height=64, steps=2, timeout=60)
+        waited = time.monotonic() - started
+    assert images[0].worker_id == worker.id
+    assert waited < 20, f"the worker was held for {waited:.1f}s by an unconfirmed result"

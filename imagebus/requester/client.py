@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ from typing import Any
 import msgpack
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -127,7 +127,7 @@ class Job:
     _rejection: JobRejected | None = None
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _accepted: asyncio.Event = field(default_factory=asyncio.Event)
-    _subscription: Subscription | None = None
+    _release: Callable[[], None] | None = None  # stops routing this job's events here
     _nc: Client | None = None
 
     @property
@@ -251,10 +251,9 @@ class Job:
         return dataclasses.replace(head, png=png)
 
     async def _unsubscribe(self) -> None:
-        if self._subscription is not None:
-            with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
-            self._subscription = None
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 class ImageBusClient:
@@ -269,6 +268,11 @@ class ImageBusClient:
         self.bus = BusSettings(nats_url or base.nats_url, creds_file or base.creds_file)
         self.connect_wait_s = connect_wait_s
         self.nc: Client | None = None
+        # One subscription for the events of every job submitted here, each job under
+        # its own token: no subscribe and unsubscribe per job (nats-server re-matches
+        # subjects after every change to its subscriptions).
+        self._events_prefix: str | None = None
+        self._jobs: dict[str, Job] = {}
 
     async def __aenter__(self) -> ImageBusClient:
         self.nc = await connect(self.bus, name="imagebus-requester", wait_s=self.connect_wait_s)
@@ -331,11 +335,17 @@ class ImageBusClient:
         }
         body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
         expected = n or (len(prompt) if isinstance(prompt, list) else 1)
-        inbox = self.nc.new_inbox()
+        token = uuid.uuid4().hex
+        inbox = f"{await self._events_inbox()}.{token}"
         job = Job(
             inbox=inbox, n=expected, on_progress=on_progress, on_assigned=on_assigned, _nc=self.nc
         )
-        job._subscription = await self.nc.subscribe(f"{inbox}.>", cb=job._on_event)
+        self._jobs[token] = job
+
+        def release() -> None:
+            self._jobs.pop(token, None)
+
+        job._release = release
         # A request/reply to the intake stream: JetStream's ack means it is stored and
         # will be served even if no orchestrator runs right now.
         headers = {
@@ -367,6 +377,29 @@ class ImageBusClient:
                 f"the request stream refused the request: {ack.data!r}", "not_stored"
             )
         return job
+
+    async def _events_inbox(self) -> str:
+        assert self.nc is not None
+        if self._events_prefix is None:
+            prefix = self.nc.new_inbox()
+            # Results may be large and many at once; a slow consumer would drop them
+            # (the workers re-send unconfirmed ones, but better not to need it).
+            await self.nc.subscribe(
+                f"{prefix}.>", cb=self._route_event, pending_bytes_limit=1 << 30
+            )
+            self._events_prefix = prefix
+        return self._events_prefix
+
+    async def _route_event(self, msg: Msg) -> None:
+        assert self._events_prefix is not None
+        token = msg.subject[len(self._events_prefix) + 1 :].split(".", 1)[0]
+        job = self._jobs.get(token)
+        if job is not None:
+            await job._on_event(msg)
+        elif msg.reply and self.nc is not None:
+            # A result for a job no longer waited for here (a late duplicate, or one
+            # given up on): confirm it, so that its worker does not keep re-sending.
+            await self.nc.publish(msg.reply, b"")
 
     # --- jobs collected later, the registry, the schema ---------------------------
 
