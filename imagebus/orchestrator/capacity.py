@@ -1,46 +1,71 @@
-"""Waiting, first come first served, for a worker slot to free up."""
+"""Waiting, first come first served, for a worker slot to free up.
+
+Tasks that found every fitting worker busy queue here. When a worker announces
+a freed slot, the slot is handed straight to the oldest waiting task that the
+worker fits: before any task that arrives later can take it, so a busy pool
+serves tasks in order and none is overtaken again and again. A waiter also
+wakes after its timeout and simply tries again, so a lost notice costs a retry,
+not a stall.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..protocol import RecruitCall
+
+
+@dataclass
+class _Waiter:
+    call: RecruitCall
+    handed: asyncio.Future[str | None]  # the worker id given to it, or None: look again
 
 
 class CapacitySignal:
-    """Tasks that found every worker busy wait here; workers' capacity notices wake them.
-
-    Waking is FIFO and limited to the number of slots announced, so a burst of
-    waiting tasks does not stampede one free slot. A waiter also wakes after its
-    timeout and simply asks again, so a lost notice costs a poll, not a stall.
-    """
-
     def __init__(self) -> None:
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait for a slot to free up; False if `timeout` passed without a notice."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+    async def wait(self, call: RecruitCall, timeout: float) -> tuple[bool, str | None]:
+        """Wait for a slot for `call`. Returns (woken, worker id): woken is False if
+        `timeout` passed with no news; the worker id is a slot handed over, if any."""
+        waiter = _Waiter(call, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(future), timeout)
+                worker_id = await asyncio.wait_for(asyncio.shield(waiter.handed), timeout)
             except TimeoutError:
-                return False
-            return True
+                return False, None
+            return True, worker_id
         finally:
-            if not future.done():
-                future.cancel()
+            if not waiter.handed.done():
+                waiter.handed.cancel()
             with contextlib.suppress(ValueError):
-                self._waiters.remove(future)
+                self._waiters.remove(waiter)
 
-    def notify(self, slots: int) -> None:
-        while slots > 0 and self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_result(None)
-                slots -= 1
+    def hand_over(self, worker_id: str, slots: int, fits: Callable[[RecruitCall], bool]) -> int:
+        """Give up to `slots` slots of `worker_id` to the oldest waiters it `fits`;
+        returns how many were handed over."""
+        handed = 0
+        for waiter in list(self._waiters):
+            if handed == slots:
+                break
+            if not waiter.handed.done() and fits(waiter.call):
+                waiter.handed.set_result(worker_id)
+                self._waiters.remove(waiter)
+                handed += 1
+        return handed
+
+    def wake_all(self) -> None:
+        """Every waiter looks again (a job was cancelled, say)."""
+        for waiter in self._waiters:
+            if not waiter.handed.done():
+                waiter.handed.set_result(None)
+        self._waiters.clear()

@@ -43,6 +43,16 @@ class Registry:
         else:
             self._free.pop(worker_id, None)
 
+    def free(self, worker_id: str) -> int:
+        return self._free.get(worker_id, 0)
+
+    def fits(self, worker_id: str, call: RecruitCall) -> bool:
+        """Whether this live worker could take `call` (blacklisting aside)."""
+        known = self._workers.get(worker_id)
+        if known is None or time.monotonic() - known[1] > LIVE_FOR_S:
+            return False
+        return unfit_reason(known[0], call) is None
+
     def claim(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
         """A live, trusted, fitting worker believed to have a free slot; the slot is
         counted as taken. None if the view knows of none."""

@@ -274,13 +274,15 @@ class Orchestrator:
         if job is not None and cancel.index is None:
             self._log.info("job cancelled", job_id=job.job_id, reason=cancel.reason)
             job.cancelled = True
-            self.capacity.notify(self.capacity.waiting)  # waiting tasks notice at once
+            self.capacity.wake_all()  # waiting tasks notice at once
 
     async def _on_advert(self, msg: Msg) -> None:
         try:
-            self.registry.update(decode(WorkerAdvert, msg.data))
+            advert = decode(WorkerAdvert, msg.data)
         except ProtocolError:
             return
+        self.registry.update(advert)
+        self._hand_over_free_slots(advert.worker_id)  # a new worker, say
 
     async def _on_workers_query(self, msg: Msg) -> None:
         listing = [
@@ -383,8 +385,18 @@ class Orchestrator:
         except ProtocolError:
             return
         self.registry.note_free(notice.worker_id, notice.free_slots)
-        if notice.worker_id not in self._blacklist_ids():
-            self.capacity.notify(max(notice.free_slots, 1))
+        self._hand_over_free_slots(notice.worker_id)
+
+    def _hand_over_free_slots(self, worker_id: str) -> None:
+        """Give the worker's free slots to waiting tasks, oldest first, before any
+        task that comes later can take them."""
+        free = self.registry.free(worker_id)
+        if free <= 0 or not self.capacity.waiting or worker_id in self._blacklist_ids():
+            return
+        handed = self.capacity.hand_over(
+            worker_id, free, lambda call: self.registry.fits(worker_id, call)
+        )
+        self.registry.note_free(worker_id, free - handed)
 
     # --- serving one job -------------------------------------------------------------
 
@@ -487,11 +499,16 @@ class Orchestrator:
         asks = 0
         lost = 0  # assignments whose worker died or overran
         heard_lately = True  # whether the free-slot view can be trusted to say "all busy"
+        handed: str | None = None  # a slot handed to this task while it waited
         while True:
             if job.cancelled:
                 await self._fail_task(job, index, "cancelled by the requester", ErrorCode.CANCELLED)
                 return
-            round_ = await self._find_worker(call, trust_view=heard_lately)
+            if handed is not None:
+                round_ = RecruitRound(_direct_offer(handed), 1, Counter())
+                handed = None
+            else:
+                round_ = await self._find_worker(call, trust_view=heard_lately)
             asks += round_.asks
             offer = round_.offer
             if offer is not None:
@@ -532,7 +549,7 @@ class Orchestrator:
             if worth_waiting and remaining > 0:
                 # A wait that no capacity notice ends means the view may be stale (a
                 # notice lost, a worker restarted): the next try asks around instead.
-                heard_lately = await self.capacity.wait(min(remaining, 1.0))
+                heard_lately, handed = await self.capacity.wait(call, min(remaining, 1.0))
                 continue
             if worth_waiting:
                 error = f"no worker slot freed up within {queue_timeout:g}s"
@@ -629,6 +646,7 @@ class Orchestrator:
             return Outcome.REFUSED
         if ack.free_slots is not None:
             self.registry.note_free(offer.worker_id, ack.free_slots)
+            self._hand_over_free_slots(offer.worker_id)
         if not ack.accepted:
             self._watches.pop(key, None)
             # A direct assignment on a stale view is refused now and then: not news.

@@ -1,0 +1,41 @@
+"""Freed worker slots go to the oldest waiting task that the worker fits."""
+
+from __future__ import annotations
+
+import asyncio
+
+from imagebus.orchestrator.capacity import CapacitySignal
+from imagebus.protocol import RecruitCall
+
+
+def _call(job: str, model: str | None = None) -> RecruitCall:
+    return RecruitCall(job, 0, "orchestrator", 64, 64, 2, model=model)
+
+
+async def test_a_freed_slot_goes_to_the_oldest_waiter_the_worker_fits() -> None:
+    signal = CapacitySignal()
+    wants_flux = asyncio.create_task(signal.wait(_call("a", model="flux"), 5))
+    first = asyncio.create_task(signal.wait(_call("b"), 5))
+    second = asyncio.create_task(signal.wait(_call("c"), 5))
+    await asyncio.sleep(0)
+    assert signal.waiting == 3
+
+    # A worker without flux frees one slot: "b" (older than "c") gets it, "a" waits on.
+    handed = signal.hand_over("tiny-worker", 1, lambda call: call.model != "flux")
+    assert handed == 1
+    assert await first == (True, "tiny-worker")
+    assert not second.done() and not wants_flux.done()
+
+    # Two more slots on the same worker: only "c" fits, so one is handed over.
+    assert signal.hand_over("tiny-worker", 2, lambda call: call.model != "flux") == 1
+    assert await second == (True, "tiny-worker")
+
+    signal.wake_all()  # e.g. a job was cancelled: everyone looks again
+    assert await wants_flux == (True, None)
+    assert signal.waiting == 0
+
+
+async def test_a_waiter_with_no_news_times_out_and_leaves_the_queue() -> None:
+    signal = CapacitySignal()
+    assert await signal.wait(_call("a"), 0.05) == (False, None)
+    assert signal.waiting == 0
