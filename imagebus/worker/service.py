@@ -57,6 +57,7 @@ from .batching import Batcher
 from .engine import Engine, GenerationCancelled, NoopEngine, load_engine
 
 _DELIVERY_PATIENCE_S = 30.0
+_DELIVERIES_PER_SLOT = 4
 _REQUESTER_GONE_AFTER_S = 5.0
 
 
@@ -72,6 +73,8 @@ class RunningTask:
     # Re-assigned elsewhere: stop quietly, the requester will hear from the new worker.
     reassigned: bool = False
     step: int = 0
+    # True until its image is made; then it only delivers, and no longer holds a slot.
+    generating: bool = True
 
 
 class Worker:
@@ -87,7 +90,8 @@ class Worker:
         self.nc: Client | None = None
         self.tasks_done = 0
         self.failures = 0
-        self.peak_running = 0  # the most tasks ever run at once: never above `slots`
+        self.peak_generating = 0  # the most images made at once: never above `slots`
+        self._generating = 0  # tasks holding a slot: their image is not made yet
         self._seconds_total = 0.0
         self._reservations: dict[str, float] = {}  # reservation id -> lease expiry
         self._running: dict[tuple[str, int], RunningTask] = {}
@@ -116,7 +120,14 @@ class Worker:
         for reservation_id, expiry in list(self._reservations.items()):
             if expiry <= now:
                 del self._reservations[reservation_id]
-        return self.settings.slots - len(self._running) - len(self._reservations)
+        # A task holds a slot while its image is made, not while the result travels:
+        # the next image starts meanwhile. Deliveries that pile up (requesters slow to
+        # confirm) count again beyond a few per slot, so they stay bounded.
+        delivering_over = (
+            len(self._running) - self._generating - _DELIVERIES_PER_SLOT * (self.settings.slots)
+        )
+        held = self._generating + max(delivering_over, 0)
+        return self.settings.slots - held - len(self._reservations)
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -317,7 +328,8 @@ class Worker:
             await self._reply(msg, encode(AssignmentAck(False, self.id, reason, free)))
             return
         self._running[key] = RunningTask(assignment)
-        self.peak_running = max(self.peak_running, len(self._running))
+        self._generating += 1
+        self.peak_generating = max(self.peak_generating, self._generating)
         free = max(self.free_slots, 0)
         await self._reply(msg, encode(AssignmentAck(True, self.id, free_slots=free)))
         run = asyncio.create_task(self._run(assignment))
@@ -328,14 +340,25 @@ class Worker:
 
     async def _run(self, assignment: TaskAssignment) -> None:
         """Run one task; whatever happens, its slot is freed afterwards."""
+        key = (assignment.job_id, assignment.index)
         try:
             await self._run_body(assignment)
         except Exception:
             self._log.exception("task ended badly", job_id=assignment.job_id)
         finally:
-            self._running.pop((assignment.job_id, assignment.index), None)
-            with contextlib.suppress(Exception):
-                await self._announce_capacity()
+            running = self._running.pop(key, None)
+            if running is not None and running.generating:  # it ended before its image
+                running.generating = False
+                self._generating -= 1
+                with contextlib.suppress(Exception):
+                    await self._announce_capacity()
+
+    async def _image_made(self, running: RunningTask) -> None:
+        """The slot is free for the next image while this one's result travels."""
+        running.generating = False
+        self._generating -= 1
+        with contextlib.suppress(Exception):
+            await self._announce_capacity()
 
     async def _run_body(self, assignment: TaskAssignment) -> None:
         assert self.nc is not None
@@ -379,6 +402,7 @@ class Worker:
                 assignment, f"{type(exc).__name__}: {exc}", ErrorCode.GENERATION_FAILED
             )
         seconds = time.perf_counter() - started
+        await self._image_made(running)
         result, messages = events.result_messages(
             dialect, assignment.reply_inbox, result, self.nc.max_payload
         )
