@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from imagebus.orchestrator.capacity import CapacitySignal
-from imagebus.protocol import RecruitCall
+from imagebus.orchestrator.registry import Registry
+from imagebus.protocol import RecruitCall, WorkerAdvert
 
 
 def _call(job: str, model: str | None = None) -> RecruitCall:
@@ -39,3 +40,17 @@ async def test_a_waiter_with_no_news_times_out_and_leaves_the_queue() -> None:
     signal = CapacitySignal()
     assert await signal.wait(_call("a"), 0.05) == (False, None)
     assert signal.waiting == 0
+
+
+def test_the_pool_view_ignores_older_reports_of_free_slots() -> None:
+    registry = Registry()
+    advert = WorkerAdvert("w", ["tiny"], "cpu", 1, 1, 1 << 22, "idle", free_seq=10)
+    registry.update(advert)
+    call = _call("a")
+    assert registry.claim(call, frozenset()) == "w"  # the view takes the slot
+    assert registry.claim(call, frozenset()) is None
+    registry.note_free("w", 1, seq=12)  # the worker's notice: a slot is free again
+    registry.note_free("w", 0, seq=11)  # an older ack, handled late: ignored
+    assert registry.free("w") == 1
+    registry.note_free("w", 0, seq=13)
+    assert registry.free("w") == 0

@@ -28,16 +28,22 @@ class Registry:
         self.warm_after_s = warm_after_s
         self._workers: dict[str, tuple[WorkerAdvert, float]] = {}
         self._free: dict[str, int] = {}  # worker id -> free slots, only those with some
+        self._free_seq: dict[str, int] = {}  # worker id -> newest report of them seen
         self._started = time.monotonic()
 
     def update(self, advert: WorkerAdvert) -> None:
-        known = advert.worker_id in self._workers
         self._workers[advert.worker_id] = (advert, time.monotonic())
-        if not known or advert.state == "draining":
-            # Otherwise acks and notices keep the count: an advert may be older news.
-            self.note_free(advert.worker_id, advert.free_slots)
+        self.note_free(advert.worker_id, advert.free_slots, advert.free_seq)
 
-    def note_free(self, worker_id: str, free_slots: int) -> None:
+    def note_free(self, worker_id: str, free_slots: int, seq: int | None = None) -> None:
+        """Record a worker's free slots. `seq` numbers the worker's own reports (acks,
+        notices and adverts reach here by different paths, so out of order): an older
+        one than already seen is ignored. Without it, this is the orchestrator's own
+        bookkeeping (a slot it took, a refusal)."""
+        if seq is not None:
+            if seq <= self._free_seq.get(worker_id, -1):
+                return
+            self._free_seq[worker_id] = seq
         if free_slots > 0:
             self._free[worker_id] = free_slots
         else:
@@ -77,6 +83,7 @@ class Registry:
             if now - seen > 6 * LIVE_FOR_S:
                 del self._workers[worker_id]  # long gone: forget it
                 self._free.pop(worker_id, None)
+                self._free_seq.pop(worker_id, None)
         return [a for a, seen in self._workers.values() if now - seen <= LIVE_FOR_S]
 
     def listing(self) -> list[tuple[WorkerAdvert, float]]:

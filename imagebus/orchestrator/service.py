@@ -384,7 +384,7 @@ class Orchestrator:
             notice = decode(CapacityNotice, msg.data)
         except ProtocolError:
             return
-        self.registry.note_free(notice.worker_id, notice.free_slots)
+        self.registry.note_free(notice.worker_id, notice.free_slots, notice.free_seq)
         self._hand_over_free_slots(notice.worker_id)
 
     def _hand_over_free_slots(self, worker_id: str) -> None:
@@ -645,7 +645,7 @@ class Orchestrator:
             log.warning("assignment not acknowledged; recruiting again", error=repr(exc))
             return Outcome.REFUSED
         if ack.free_slots is not None:
-            self.registry.note_free(offer.worker_id, ack.free_slots)
+            self.registry.note_free(offer.worker_id, ack.free_slots, ack.free_seq)
             self._hand_over_free_slots(offer.worker_id)
         if not ack.accepted:
             self._watches.pop(key, None)

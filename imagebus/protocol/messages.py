@@ -144,6 +144,9 @@ class AssignmentAck:
     worker_id: str
     reason: str | None = None
     free_slots: int | None = None  # after this answer, so the orchestrator's view stays exact
+    # Orders the worker's reports of its free slots (acks, notices, adverts): they
+    # travel on different subjects and may be handled out of order.
+    free_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,7 @@ class WorkerAdvert:
     max_batch: int = 1
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
     loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
+    free_seq: int = 0  # see AssignmentAck.free_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +249,7 @@ class JobCancel:
 class CapacityNotice:
     worker_id: str
     free_slots: int
+    free_seq: int = 0  # see AssignmentAck.free_seq
 
 
 # --- events for native requesters ------------------------------------------------

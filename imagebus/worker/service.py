@@ -92,6 +92,9 @@ class Worker:
         self.failures = 0
         self.peak_generating = 0  # the most images made at once: never above `slots`
         self._generating = 0  # tasks holding a slot: their image is not made yet
+        # Numbers each report of free slots (see AssignmentAck). It starts from the wall
+        # clock in microseconds, so a restarted worker's reports outrank its last life's.
+        self._free_seq = time.time_ns() // 1000
         self._seconds_total = 0.0
         self._reservations: dict[str, float] = {}  # reservation id -> lease expiry
         self._running: dict[tuple[str, int], RunningTask] = {}
@@ -283,7 +286,12 @@ class Worker:
             max_batch=self.settings.max_batch,
             mean_batch=self._mean_batch(),
             loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
+            free_seq=self._next_free_seq(),
         )
+
+    def _next_free_seq(self) -> int:
+        self._free_seq += 1
+        return self._free_seq
 
     def _mean_batch(self) -> float:
         batches = sum(b.batches for b in self._batchers.values())
@@ -325,13 +333,15 @@ class Worker:
             reason = reason or "invalid reply inbox"
             log.info("assignment refused", reason=reason)
             free = max(self.free_slots, 0)
-            await self._reply(msg, encode(AssignmentAck(False, self.id, reason, free)))
+            ack = AssignmentAck(False, self.id, reason, free, self._next_free_seq())
+            await self._reply(msg, encode(ack))
             return
         self._running[key] = RunningTask(assignment)
         self._generating += 1
         self.peak_generating = max(self.peak_generating, self._generating)
         free = max(self.free_slots, 0)
-        await self._reply(msg, encode(AssignmentAck(True, self.id, free_slots=free)))
+        ack = AssignmentAck(True, self.id, free_slots=free, free_seq=self._next_free_seq())
+        await self._reply(msg, encode(ack))
         run = asyncio.create_task(self._run(assignment))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
@@ -479,7 +489,7 @@ class Worker:
 
     async def _announce_capacity(self) -> None:
         if self.nc is not None and not self._draining and self.free_slots > 0:
-            notice = CapacityNotice(self.id, self.free_slots)
+            notice = CapacityNotice(self.id, self.free_slots, self._next_free_seq())
             await self.nc.publish(s.CAPACITY_SUBJECT, encode(notice))
 
     async def _reply(self, msg: Msg, payload: bytes, headers: dict[str, str] | None = None) -> None:
