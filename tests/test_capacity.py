@@ -54,3 +54,16 @@ def test_the_pool_view_ignores_older_reports_of_free_slots() -> None:
     assert registry.free("w") == 1
     registry.note_free("w", 0, seq=13)
     assert registry.free("w") == 0
+
+
+async def test_a_task_that_waited_before_goes_back_to_the_head_of_the_line() -> None:
+    signal = CapacitySignal()
+    newer = asyncio.create_task(signal.wait(_call("new"), 5))
+    await asyncio.sleep(0)
+    returning = asyncio.create_task(signal.wait(_call("old"), 5, first=True))
+    await asyncio.sleep(0)
+    assert signal.hand_over("w", 1, lambda call: True) == 1
+    assert await returning == (True, "w")
+    assert not newer.done()
+    signal.wake_all()
+    await newer

@@ -33,11 +33,18 @@ class CapacitySignal:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, call: RecruitCall, timeout: float) -> tuple[bool, str | None]:
+    async def wait(
+        self, call: RecruitCall, timeout: float, *, first: bool = False
+    ) -> tuple[bool, str | None]:
         """Wait for a slot for `call`. Returns (woken, worker id): woken is False if
-        `timeout` passed with no news; the worker id is a slot handed over, if any."""
+        `timeout` passed with no news; the worker id is a slot handed over, if any.
+        `first` puts a task that waited before (and lost the slot it was handed, to
+        another orchestrator, say) back at the head of the line."""
         waiter = _Waiter(call, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             try:
                 worker_id = await asyncio.wait_for(asyncio.shield(waiter.handed), timeout)

@@ -500,6 +500,7 @@ class Orchestrator:
         lost = 0  # assignments whose worker died or overran
         heard_lately = True  # whether the free-slot view can be trusted to say "all busy"
         handed: str | None = None  # a slot handed to this task while it waited
+        was_in_line = False  # it waited already: if it must wait again, it goes first
         while True:
             if job.cancelled:
                 await self._fail_task(job, index, "cancelled by the requester", ErrorCode.CANCELLED)
@@ -549,7 +550,10 @@ class Orchestrator:
             if worth_waiting and remaining > 0:
                 # A wait that no capacity notice ends means the view may be stale (a
                 # notice lost, a worker restarted): the next try asks around instead.
-                heard_lately, handed = await self.capacity.wait(call, min(remaining, 1.0))
+                heard_lately, handed = await self.capacity.wait(
+                    call, min(remaining, 1.0), first=was_in_line
+                )
+                was_in_line = True
                 continue
             if worth_waiting:
                 error = f"no worker slot freed up within {queue_timeout:g}s"
