@@ -188,7 +188,7 @@ def main() -> None:
                 bus[concurrency] = asyncio.run(
                     bus_rate(url, concurrency, images, args.size, args.steps)
                 )
-                batching[concurrency] = asyncio.run(_mean_batch(url))
+                batching[concurrency] = asyncio.run(advert_after_work(url)).mean_batch
     finally:
         nats_server.stop()
         postgres.stop()
@@ -223,10 +223,6 @@ def main() -> None:
     base = speedups[0][1]
     for name, rate, difference in speedups:
         print(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {difference} |")
-
-
-async def _mean_batch(url: str) -> float:
-    return (await advert_after_work(url)).mean_batch
 
 
 def _version(package: str) -> str:

@@ -505,11 +505,8 @@ class Orchestrator:
             if job.cancelled:
                 await self._fail_task(job, index, "cancelled by the requester", ErrorCode.CANCELLED)
                 return
-            if handed is not None:
-                round_ = RecruitRound(_direct_offer(handed), 1, Counter())
-                handed = None
-            else:
-                round_ = await self._find_worker(call, trust_view=heard_lately)
+            round_ = await self._find_worker(call, trust_view=heard_lately, handed=handed)
+            handed = None
             asks += round_.asks
             offer = round_.offer
             if offer is not None:
@@ -565,12 +562,15 @@ class Orchestrator:
             await self._fail_task(job, index, error, code, attempts=asks)
             return
 
-    async def _find_worker(self, call: RecruitCall, *, trust_view: bool) -> RecruitRound:
-        """The fast path first: a worker the pool view says has a free slot is
-        assigned directly (its ack is its consent). If the view says every fitting
-        worker is busy, wait rather than ask around; otherwise recruit."""
+    async def _find_worker(
+        self, call: RecruitCall, *, trust_view: bool, handed: str | None = None
+    ) -> RecruitRound:
+        """The fast path first: a slot handed to the task while it waited, or a worker
+        the pool view says has a free slot, is assigned directly (its ack is its
+        consent). If the view says every fitting worker is busy, wait rather than ask
+        around; otherwise recruit."""
         blacklisted = self._blacklist_ids()
-        worker_id = self.registry.claim(call, blacklisted)
+        worker_id = handed or self.registry.claim(call, blacklisted)
         if worker_id is not None:
             return RecruitRound(_direct_offer(worker_id), 1, Counter())
         if trust_view and self.registry.all_busy(call, blacklisted):

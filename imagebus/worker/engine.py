@@ -217,23 +217,6 @@ class NoopEngine:
     def models(self) -> list[str]:
         return [self.model]
 
-    def generate(
-        self,
-        params: ImageParams,
-        seed: int,
-        on_step: StepCallback | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> GeneratedImage:
-        (result,) = self.generate_batch([BatchItem(params, seed, should_stop)], on_step)
-        assert isinstance(result, GeneratedImage)
-        return result
-
-    def generate_batch(
-        self, items: Sequence[BatchItem], on_step: StepCallback | None = None
-    ) -> list[BatchResult]:
-        rendered = self.render_batch(items, on_step)
-        return [GeneratedImage(self._png, 8, 8, self.seconds) for _ in rendered]
-
     def render_batch(
         self, items: Sequence[BatchItem], on_step: StepCallback | None = None
     ) -> list[Any]:

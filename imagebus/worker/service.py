@@ -358,13 +358,11 @@ class Worker:
         finally:
             running = self._running.pop(key, None)
             if running is not None and running.generating:  # it ended before its image
-                running.generating = False
-                self._generating -= 1
-                with contextlib.suppress(Exception):
-                    await self._announce_capacity()
+                await self._image_made(running)
 
     async def _image_made(self, running: RunningTask) -> None:
-        """The slot is free for the next image while this one's result travels."""
+        """Free the task's slot: its image is made (or never will be), and the next
+        image may start while this one's result travels."""
         running.generating = False
         self._generating -= 1
         with contextlib.suppress(Exception):
