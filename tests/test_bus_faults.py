@@ -42,3 +42,27 @@ async def test_nats_restart_mid_run_serves_every_request(
     finally:
         await stack.stop()
         server.stop()
+
+
+async def test_requests_after_a_restart_while_idle_are_served(
+    database_url: str, tiny_engine: DiffusionEngine, tmp_path: Path
+) -> None:
+    # The orchestrator's standing pull requests die with the server; it must ask again.
+    server = NatsServer("127.0.0.1", free_port(), tmp_path / "nats").start()
+    stack = Stack(server.url, database_url, tiny_engine)
+    try:
+        await stack.start_orchestrator()
+        await stack.start_worker()
+        async with ImageBusClient(server.url) as client:
+            assert len(await (await client.submit("before", width=64, height=64)).wait(30)) == 1
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(1.0)
+            server = await asyncio.to_thread(
+                NatsServer("127.0.0.1", server.port, tmp_path / "nats").start
+            )
+            job = await client.submit("after", width=64, height=64)
+            images = await job.wait(60)
+        assert len(images) == 1
+    finally:
+        await stack.stop()
+        server.stop()

@@ -105,3 +105,33 @@ async def test_a_stopping_orchestrator_hands_unfinished_jobs_to_another(stack: S
         await stack.start_orchestrator()
         images = await job.wait(120)
     assert len(images) == 3
+
+
+async def test_an_orchestrator_takes_no_more_requests_than_its_capacity(stack: Stack) -> None:
+    small = await stack.start_orchestrator(max_concurrent_jobs=2)
+    large = await stack.start_orchestrator()
+    for _ in range(2):
+        await stack.start_worker()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            assert small.intake is not None
+            peak = max(peak, small.intake.running)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with ImageBusClient(stack.nats_url) as client:
+            jobs = [
+                await client.submit(f"many {i}", width=64, height=64, steps=4) for i in range(16)
+            ]
+            results = await asyncio.gather(*(job.wait(120) for job in jobs))
+    finally:
+        watcher.cancel()
+    assert [len(images) for images in results] == [1] * 16
+    assert small.intake is not None and large.intake is not None
+    assert 1 <= peak <= 2, peak
+    assert small.intake.served + large.intake.served == 16
+    assert large.intake.served > small.intake.served

@@ -7,6 +7,11 @@ job has been answered. While a job runs its message is kept "in progress"; if
 the orchestrator dies, JetStream redelivers the request after `ack_wait` to
 another (or the restarted) orchestrator. All orchestrators pull from one durable
 consumer, so each request goes to exactly one of them at a time.
+
+Each orchestrator keeps pull requests standing (as nats.go's `Consume` does): it
+asks for up to `_PULL_BATCH` requests ahead, never more than its free capacity,
+and each arrives on its inbox the moment it is stored. No fetch round trip sits on
+the dispatch path, and an orchestrator is sent no more than it can take.
 """
 
 from __future__ import annotations
@@ -14,14 +19,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    Header,
+    RetentionPolicy,
+    StatusCode,
+    StorageType,
+    StreamConfig,
+)
 
 from ..logs import get_logger
 from ..protocol import subjects as s
@@ -54,9 +70,17 @@ def job_id_for(msg: Msg, epoch: str) -> str:
 
 
 class Intake:
+    # Requests asked for ahead: enough to cover a burst, few enough that a second
+    # orchestrator gets its share.
+    _PULL_BATCH = 64
+    _PULL_EXPIRES_S = 10.0
+    # While a pull request waits, the server says so this often; silence for three
+    # of these means it was lost (a server restart, say) and it is asked again.
+    _PULL_HEARTBEAT_S = 2.0
+
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: Client,
         handle: Callable[[Msg, str], Awaitable[None]],
         *,
         capacity: int,
@@ -64,16 +88,21 @@ class Intake:
         max_deliver: int,
         max_age_s: float,
     ) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.handle = handle
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
         self.max_age_s = max_age_s
         self._capacity = capacity
-        self._slot_freed = asyncio.Event()
         self._running: dict[asyncio.Task[None], Msg] = {}
+        self._asked = 0  # requests asked for and neither delivered nor expired
+        self._heard_at = time.monotonic()  # the last message or status on the inbox
+        self._reconnects = nc.stats["reconnects"]
+        self._pull_needed = asyncio.Event()
         self._puller: asyncio.Task[None] | None = None
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._subscription: Subscription | None = None
+        self._inbox = ""
         self._epoch = ""
         self.served = 0  # requests served to the end and acknowledged
         self._log = get_logger(component="intake")
@@ -84,6 +113,13 @@ class Intake:
 
     async def start(self) -> None:
         self._epoch = await ensure_intake_stream(self.js, self.max_age_s)
+        await self._ensure_consumer()
+        self._inbox = self.nc.new_inbox()
+        self._subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+        self._puller = asyncio.create_task(self._keep_pulling(), name="imagebus-intake")
+        self._pull_needed.set()
+
+    async def _ensure_consumer(self) -> None:
         config = ConsumerConfig(
             durable_name=s.INTAKE_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
@@ -91,12 +127,7 @@ class Intake:
             max_deliver=self.max_deliver,
             max_ack_pending=-1,
         )
-        with contextlib.suppress(nats.js.errors.Error):
-            await self.js.add_consumer(s.INTAKE_STREAM, config)  # create, or update its settings
-        self._subscription = await self.js.pull_subscribe(
-            s.REQUEST_SUBJECT, durable=s.INTAKE_CONSUMER, stream=s.INTAKE_STREAM, config=config
-        )
-        self._puller = asyncio.create_task(self._pull(self._subscription), name="imagebus-intake")
+        await self.js.add_consumer(s.INTAKE_STREAM, config)  # create, or update its settings
 
     async def stop(self, grace_s: float) -> None:
         """Stop pulling; give running jobs `grace_s`, then hand the rest back at once."""
@@ -105,8 +136,9 @@ class Intake:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._puller
         if self._subscription is not None:
+            # The server skips pull requests that nobody listens to any more.
             with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()  # the durable consumer stays
+                await self._subscription.unsubscribe()
         if self._running:
             self._log.info("draining jobs", running=len(self._running))
             _, pending = await asyncio.wait(self._running, timeout=grace_s)
@@ -114,28 +146,86 @@ class Intake:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _pull(self, subscription: JetStreamContext.PullSubscription) -> None:
+    # --- standing pull requests ------------------------------------------------------
+
+    def _to_ask(self) -> int:
+        """How many more requests to ask for now: none while over half a batch is still
+        outstanding, and never more than the free capacity."""
+        room = self._capacity - len(self._running) - self._asked
+        want = min(room, self._PULL_BATCH - self._asked)
+        if want <= 0 or self._asked > self._PULL_BATCH // 2:
+            return 0
+        return want
+
+    async def _keep_pulling(self) -> None:
         while True:
-            while len(self._running) >= self._capacity:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            free = min(self._capacity - len(self._running), 64)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pull_needed.wait(), self._PULL_HEARTBEAT_S)
+            self._pull_needed.clear()
+            reconnects = self.nc.stats["reconnects"]
+            if reconnects != self._reconnects:
+                # A restarted server knows none of the pull requests that stood before.
+                self._reconnects = reconnects
+                self._asked = 0
+            elif self._asked and time.monotonic() - self._heard_at > 3 * self._PULL_HEARTBEAT_S:
+                self._log.warning("standing pull requests went unanswered; asking again")
+                self._asked = 0
+            want = self._to_ask()
+            if not want:
+                continue
+            request = {
+                "batch": want,
+                "expires": int(self._PULL_EXPIRES_S * 1e9),
+                "idle_heartbeat": int(self._PULL_HEARTBEAT_S * 1e9),
+            }
             try:
-                messages = await subscription.fetch(batch=free, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                messages = []
-            except Exception as exc:  # reconnecting, server restarting: try again shortly
-                self._log.warning("fetching requests failed; retrying", error=repr(exc))
-                messages = []
+                await self.nc.publish(
+                    s.INTAKE_PULL_SUBJECT, json.dumps(request).encode(), reply=self._inbox
+                )
+            except Exception as exc:  # reconnecting: try again shortly
+                self._log.warning("asking for requests failed; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
-            for message in messages:
-                task = asyncio.create_task(self._serve(message))
-                self._running[task] = message
-                task.add_done_callback(self._served)
+                self._pull_needed.set()
+                continue
+            if not self._asked:
+                self._heard_at = time.monotonic()  # the silence counts from now
+            self._asked += want
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        self._heard_at = time.monotonic()
+        status = (msg.headers or {}).get(Header.STATUS)
+        if status is None:
+            self._asked = max(self._asked - 1, 0)
+            task = asyncio.create_task(self._serve(msg))
+            self._running[task] = msg
+            task.add_done_callback(self._served)
+        else:
+            await self._on_status(status, msg)
+        if self._to_ask():
+            self._pull_needed.set()
+
+    async def _on_status(self, status: str, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if status == StatusCode.CONTROL_MESSAGE:
+            return  # an idle heartbeat: the pull requests still stand
+        unfilled = headers.get("Nats-Pending-Messages", "")
+        if status == StatusCode.REQUEST_TIMEOUT and unfilled.isdigit():
+            self._asked = max(self._asked - int(unfilled), 0)  # a request expired
+            return
+        # Refused outright (no consumer, too many waiting, a leader change): ask
+        # afresh, after making sure the consumer exists.
+        self._log.warning(
+            "pull request ended", status=status, description=headers.get(Header.DESCRIPTION)
+        )
+        self._asked = 0
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(Exception):
+            await self._ensure_consumer()
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
-        self._slot_freed.set()
+        if self._to_ask():
+            self._pull_needed.set()
 
     async def _serve(self, msg: Msg) -> None:
         keepalive = _InProgress(msg, self.ack_wait_s / 3)

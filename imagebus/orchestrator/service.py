@@ -181,7 +181,7 @@ class Orchestrator:
         await self._ensure_results_stream()
         # Last, so nothing is taken before the orchestrator can serve it.
         self.intake = Intake(
-            self.nc.jetstream(),
+            self.nc,
             self._serve,
             capacity=self.settings.max_concurrent_jobs,
             ack_wait_s=self.settings.intake_ack_wait_s,

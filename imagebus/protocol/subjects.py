@@ -28,6 +28,8 @@ ORCHESTRATOR_QUEUE = "orchestrators"
 # none is lost while no orchestrator runs; orchestrators share one durable consumer.
 INTAKE_STREAM = "IMAGEBUS_REQUESTS"
 INTAKE_CONSUMER = "orchestrators"
+# An orchestrator asks the consumer for requests here (JetStream's pull API).
+INTAKE_PULL_SUBJECT = f"$JS.API.CONSUMER.MSG.NEXT.{INTAKE_STREAM}.{INTAKE_CONSUMER}"
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates requests by this header
 # Any orchestrator answers here (queue group): used to wait until one is up.
 ORCHESTRATOR_PING_SUBJECT = "imagebus.orchestrators.ping"
