@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..protocol import RecruitCall
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: removing one from the line stays cheap
 class _Waiter:
     call: RecruitCall
     handed: asyncio.Future[str | None]  # the worker id given to it, or None: look again

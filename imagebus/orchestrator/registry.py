@@ -62,20 +62,28 @@ class Registry:
     def claim(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
         """A live, trusted, fitting worker believed to have a free slot; the slot is
         counted as taken. None if the view knows of none."""
+        worker_id = self._free_fitting(call, blacklisted)
+        if worker_id is not None:
+            self.note_free(worker_id, self._free[worker_id] - 1)
+        return worker_id
+
+    def all_busy(self, call: RecruitCall, blacklisted: frozenset[str]) -> bool:
+        """Whether some live, trusted worker fits `call` and every such one is known busy."""
+        # Only the free workers are looked through, then the first fitting one found:
+        # under load few are free, and this runs for every task that must wait.
+        return self._free_fitting(call, blacklisted) is None and self.fits_somewhere(
+            call, blacklisted
+        )
+
+    def _free_fitting(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
         now = time.monotonic()
         for worker_id in self._free:
             known = self._workers.get(worker_id)
             if known is None or worker_id in blacklisted or now - known[1] > LIVE_FOR_S:
                 continue
             if unfit_reason(known[0], call) is None:
-                self.note_free(worker_id, self._free[worker_id] - 1)
                 return worker_id
         return None
-
-    def all_busy(self, call: RecruitCall, blacklisted: frozenset[str]) -> bool:
-        """Whether some live, trusted worker fits `call` and every such one is known busy."""
-        fitting = [w for w in self._trusted(blacklisted) if unfit_reason(w, call) is None]
-        return bool(fitting) and not any(w.worker_id in self._free for w in fitting)
 
     def live(self) -> list[WorkerAdvert]:
         now = time.monotonic()
