@@ -41,7 +41,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix imagebus tests bench
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy imagebus
+	$(VENV)/bin/mypy imagebus bench
 
 clean:
 	rm -rf $(VENV) .imagebus generated .pytest_cache

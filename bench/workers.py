@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import nats
+from nats.aio.msg import Msg
 
 from imagebus.logs import configure_logging
 from imagebus.settings import BusSettings, WorkerSettings
@@ -57,7 +58,7 @@ async def main(url: str, count: int, seconds: float, max_batch: int) -> None:
         await worker.start()
     nc = await nats.connect(url)
 
-    async def starts(msg: nats.aio.msg.Msg) -> None:
+    async def starts(msg: Msg) -> None:
         await nc.publish(msg.reply, json.dumps(STARTS).encode())
         STARTS.clear()
 

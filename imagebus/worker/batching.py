@@ -36,12 +36,15 @@ AsyncStepCallback = Callable[[int, int], Awaitable[None]]
 _STEP_PUBLISH_TIMEOUT_S = 5.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: removing one from the queue stays cheap
 class _Waiting:
     item: BatchItem
     key: Hashable
     on_step: AsyncStepCallback | None
     result: asyncio.Future[GeneratedImage]
+
+
+Queued = _Waiting  # what `Batcher.submit` hands back, for `Batcher.result`
 
 
 class Batcher:
@@ -86,14 +89,15 @@ class Batcher:
             if not waiting.result.done():
                 waiting.result.cancel()
 
-    async def generate(
+    def submit(
         self,
         params: ImageParams,
         seed: int,
         on_step: AsyncStepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> GeneratedImage:
-        """Queue one image and wait for it (GenerationCancelled if it was stopped)."""
+    ) -> Queued:
+        """Queue one image now (a runner picks it up on the loop's next turn); its result
+        comes from `result`."""
         waiting = _Waiting(
             BatchItem(params, seed, should_stop),
             batch_key(params),
@@ -102,6 +106,10 @@ class Batcher:
         )
         self._waiting.append(waiting)
         self._arrived.set()
+        return waiting
+
+    async def result(self, waiting: Queued) -> GeneratedImage:
+        """Wait for a submitted image (GenerationCancelled if it was stopped)."""
         try:
             return await waiting.result
         finally:

@@ -53,7 +53,7 @@ from ..protocol import subjects as s
 from ..protocol.events import Outbound
 from ..protocol.routing import unfit_reason
 from ..settings import WorkerSettings
-from .batching import Batcher
+from .batching import Batcher, Queued
 from .engine import Engine, GenerationCancelled, NoopEngine, load_engine
 
 _DELIVERY_PATIENCE_S = 30.0
@@ -336,28 +336,30 @@ class Worker:
             ack = AssignmentAck(False, self.id, reason, free, self._next_free_seq())
             await self._reply(msg, encode(ack))
             return
-        self._running[key] = RunningTask(assignment)
+        running = self._running[key] = RunningTask(assignment)
         self._generating += 1
         self.peak_generating = max(self.peak_generating, self._generating)
+        # Queued before the ack goes out: the model's thread is waking while it travels.
+        queued = self._queue_image(running)
         free = max(self.free_slots, 0)
         ack = AssignmentAck(True, self.id, free_slots=free, free_seq=self._next_free_seq())
         await self._reply(msg, encode(ack))
-        run = asyncio.create_task(self._run(assignment))
+        run = asyncio.create_task(self._run(running, queued))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
 
     # --- running one task ------------------------------------------------------------
 
-    async def _run(self, assignment: TaskAssignment) -> None:
+    async def _run(self, running: RunningTask, queued: Queued) -> None:
         """Run one task; whatever happens, its slot is freed afterwards."""
-        key = (assignment.job_id, assignment.index)
+        assignment = running.assignment
         try:
-            await self._run_body(assignment)
+            await self._run_body(running, queued)
         except Exception:
             self._log.exception("task ended badly", job_id=assignment.job_id)
         finally:
-            running = self._running.pop(key, None)
-            if running is not None and running.generating:  # it ended before its image
+            self._running.pop((assignment.job_id, assignment.index), None)
+            if running.generating:  # it ended before its image
                 await self._image_made(running)
 
     async def _image_made(self, running: RunningTask) -> None:
@@ -368,29 +370,31 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._announce_capacity()
 
-    async def _run_body(self, assignment: TaskAssignment) -> None:
-        assert self.nc is not None
+    def _queue_image(self, running: RunningTask) -> Queued:
+        assignment = running.assignment
         engine = self.engines.get(assignment.params.model or "", self.default_engine)
-        key = (assignment.job_id, assignment.index)
-        log = self._log.bind(job_id=assignment.job_id, index=assignment.index)
-        try:
-            dialect = Dialect(assignment.dialect)
-        except ValueError:
-            dialect = Dialect.NATIVE
-        running = self._running[key]
-        params = assignment.params
-        log.info("task started", width=params.width, height=params.height, steps=params.steps)
+        dialect = _dialect_of(assignment)
 
         async def on_step(step: int, steps: int) -> None:
             running.step = step
             progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
             await self._send(events.progress(dialect, assignment.reply_inbox, progress))
 
+        return self._batchers[engine.model].submit(
+            assignment.params, assignment.seed, on_step, lambda: running.cancelled
+        )
+
+    async def _run_body(self, running: RunningTask, queued: Queued) -> None:
+        assert self.nc is not None
+        assignment = running.assignment
+        engine = self.engines.get(assignment.params.model or "", self.default_engine)
+        log = self._log.bind(job_id=assignment.job_id, index=assignment.index)
+        dialect = _dialect_of(assignment)
+        params = assignment.params
+        log.info("task started", width=params.width, height=params.height, steps=params.steps)
         started = time.perf_counter()
         try:
-            image = await self._batchers[engine.model].generate(
-                params, assignment.seed, on_step, lambda: running.cancelled
-            )
+            image = await self._batchers[engine.model].result(queued)
             result = TaskResult(
                 job_id=assignment.job_id,
                 index=assignment.index,
@@ -555,3 +559,10 @@ class Worker:
             "batches": sum(b.batches for b in self._batchers.values()),
             "mean_batch": self._mean_batch(),
         }
+
+
+def _dialect_of(assignment: TaskAssignment) -> Dialect:
+    try:
+        return Dialect(assignment.dialect)
+    except ValueError:
+        return Dialect.NATIVE
