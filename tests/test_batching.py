@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 
 from imagebus.protocol import ImageParams
 from imagebus.requester import ImageBusClient
-from imagebus.worker.engine import DiffusionEngine
+from imagebus.worker.batching import _StepRelay, _Waiting
+from imagebus.worker.engine import BatchItem, DiffusionEngine, batch_key
 
 from .conftest import Stack
 from .test_engine import CPU_BATCH_TOLERANCE
@@ -60,3 +62,24 @@ async def test_incompatible_images_are_never_batched_together(stack: Stack) -> N
     assert {(i.width, i.height) for i in small} == {(64, 64)}
     assert {(i.width, i.height) for i in wide} == {(128, 64)}
     assert worker.stats()["batches"] >= 2
+
+
+async def test_progress_never_makes_the_model_thread_wait_for_the_event_loop() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[int, int]] = []
+
+    async def on_step(step: int, steps: int) -> None:
+        seen.append((step, steps))
+
+    params = ImageParams("p", 64, 64, 3, 7.5)
+    waiting = _Waiting(BatchItem(params, 1, None), batch_key(params), on_step, loop.create_future())
+    relay = _StepRelay([waiting], loop)
+    model_thread = threading.Thread(target=lambda: [relay.on_step(i, 3) for i in (1, 2, 3)])
+    model_thread.start()
+    # The event loop is held up right here, in this synchronous join: the steps must
+    # be queued without it (the old relay blocked the thread until the loop sent each).
+    model_thread.join(timeout=3.0)
+    assert not model_thread.is_alive()
+    assert seen == []
+    await relay.sent()
+    assert seen == [(1, 3), (2, 3), (3, 3)]

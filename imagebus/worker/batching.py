@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -32,8 +33,6 @@ from .engine import BatchItem, Engine, GeneratedImage, batch_key
 
 # Called on the event loop at every denoising step: (steps done, total steps).
 AsyncStepCallback = Callable[[int, int], Awaitable[None]]
-
-_STEP_PUBLISH_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)  # compared by identity: removing one from the queue stays cheap
@@ -170,28 +169,16 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
-
-        async def publish_step(step: int, steps: int) -> None:
-            for waiting in batch:
-                if waiting.on_step is not None:
-                    with contextlib.suppress(Exception):
-                        await waiting.on_step(step, steps)
-
-        def on_step(step: int, steps: int) -> None:
-            # In the model's thread: one hop to the loop per step for the whole batch,
-            # waited for, so that progress events stay in order.
-            future = asyncio.run_coroutine_threadsafe(publish_step(step, steps), loop)
-            with contextlib.suppress(Exception):
-                future.result(timeout=_STEP_PUBLISH_TIMEOUT_S)
-
+        progress = _StepRelay(batch, loop)
         items = [waiting.item for waiting in batch]
         started = time.perf_counter()
         try:
             rendered = await loop.run_in_executor(
-                self.executor, self.engine.render_batch, items, on_step
+                self.executor, self.engine.render_batch, items, progress.on_step
             )
         except Exception as exc:  # the whole call failed: every image in it did
             rendered = [exc] * len(batch)
+        await progress.sent()  # the last step's events go out before the results
         self.batches += 1
         self.images += len(batch)
         self._last_batch = len(batch)
@@ -223,3 +210,43 @@ class Batcher:
         if not waiting.result.done():
             seconds = time.perf_counter() - started
             waiting.result.set_result(GeneratedImage(png, image.width, image.height, seconds))
+
+
+class _StepRelay:
+    """Carries a batch's progress from the model's thread to the event loop without
+    making the thread wait for the loop (a busy loop must not slow the model down):
+    the thread queues each step, and one publisher on the loop sends them in order."""
+
+    def __init__(self, batch: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
+        self._batch = batch
+        self._loop = loop
+        self._steps: deque[tuple[int, int]] = deque()  # at most one per step: bounded
+        self._woken = False
+        self._publisher: asyncio.Task[None] | None = None
+
+    def on_step(self, step: int, steps: int) -> None:
+        """In the model's thread."""
+        self._steps.append((step, steps))
+        if not self._woken:
+            self._woken = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._woken = False  # before the queue is read, so no step is left behind
+        if self._publisher is None or self._publisher.done():
+            self._publisher = self._loop.create_task(self._publish())
+
+    async def _publish(self) -> None:
+        while self._steps:
+            step, steps = self._steps.popleft()
+            for waiting in self._batch:
+                if waiting.on_step is not None:
+                    with contextlib.suppress(Exception):
+                        await waiting.on_step(step, steps)
+
+    async def sent(self) -> None:
+        """Wait until every step queued so far has been published."""
+        if self._steps and (self._publisher is None or self._publisher.done()):
+            self._publisher = self._loop.create_task(self._publish())
+        if self._publisher is not None:
+            await self._publisher
