@@ -66,7 +66,7 @@ def main() -> None:
                     )
                 time.sleep(1.0)
             meter = CostMeter(nats_server, postgres, [orchestrator_pid, workers.pid])
-            rate = asyncio.run(throughput(url, args.jobs, args.concurrency, warm_up=0))
+            rate = asyncio.run(throughput(url, args.jobs, args.concurrency, warm_up=0)).whole
             costs = meter.per_job(args.jobs)
             for spy in spies:
                 spy.send_signal(2)
