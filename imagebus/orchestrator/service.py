@@ -790,7 +790,7 @@ def _seeds(request: GenerateRequest, job_id: str) -> list[int]:
     if request.seed is not None:
         return [request.seed + i for i in range(request.n)]
     return [
-        int.from_bytes(hashlib.sha256(f"{job_id}:{i}".encode()).digest()[:4], "big") & MAX_SEED
+        int.from_bytes(hashlib.blake2b(f"{job_id}:{i}".encode(), digest_size=4).digest()) & MAX_SEED
         for i in range(request.n)
     ]
 
