@@ -64,3 +64,31 @@ async def test_a_batch_leaves_the_same_rows_as_writing_records_one_by_one(
         ("failed", "w2", 3),
     ]
     assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "lost"), (2, "done")]
+
+
+async def test_a_batch_counts_a_worker_s_tasks_as_one_by_one_writes_do(database_url: str) -> None:
+    def finished_by(worker_id: str) -> list[Record]:
+        records: list[Record] = []
+        for i, state in enumerate(("done", "failed", "done")):
+            job_id = f"{worker_id}-{i}"
+            records.append(
+                JobRow(job_id, "orch", "native", "_INBOX.x", "a", None, None, 64, 64, 2, 7.5, 1,
+                       T0, [i])
+            )  # fmt: skip
+            records.append(TaskUpdate(job_id, 0, state, worker_id=worker_id, finished_at=T0))
+        return records
+
+    db = await Database.connect(database_url)
+    try:
+        await db.migrate()
+        await db.write(finished_by("w-batched"))
+        for record in finished_by("w-single"):
+            await db.write([record])
+        async with db.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT worker_id, tasks_done, failures FROM workers"
+                " WHERE worker_id IN ('w-batched', 'w-single') ORDER BY worker_id"
+            )
+    finally:
+        await db.close()
+    assert [tuple(r) for r in rows] == [("w-batched", 2, 1), ("w-single", 2, 1)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -278,14 +279,19 @@ async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate])
             for u in updates
         ],
     )
-    finished = [u for u in updates if u.state in ("done", "failed") and u.worker_id]
-    if finished:
+    # Counted per worker first: one row change per worker and batch, not one per task.
+    done: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for u in updates:
+        if u.worker_id and u.state in ("done", "failed"):
+            (done if u.state == "done" else failed)[u.worker_id] += 1
+    if done or failed:
         await conn.executemany(
             "INSERT INTO workers (worker_id, tasks_done, failures) VALUES ($1, $2, $3)"
             " ON CONFLICT (worker_id) DO UPDATE SET last_seen = now(),"
             " tasks_done = workers.tasks_done + EXCLUDED.tasks_done,"
             " failures = workers.failures + EXCLUDED.failures",
-            [(u.worker_id, int(u.state == "done"), int(u.state == "failed")) for u in finished],
+            [(w, done[w], failed[w]) for w in sorted(done.keys() | failed.keys())],
         )
     job_ids = sorted({u.job_id for u in updates})
     # A job is finished once none of its tasks is still open.

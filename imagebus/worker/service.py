@@ -414,16 +414,19 @@ class Worker:
                 assignment, f"{type(exc).__name__}: {exc}", ErrorCode.GENERATION_FAILED
             )
         seconds = time.perf_counter() - started
-        await self._image_made(running)
         result, messages = events.result_messages(
             dialect, assignment.reply_inbox, result, self.nc.max_payload
         )
-        if not running.reassigned:
-            # Keep the copy while delivering, so the report follows the delivery at once:
-            # a worker killed between the two makes the orchestrator re-run the image.
-            keeping = None
-            if result.ok and result.png is not None:
-                keeping = asyncio.create_task(self._keep(assignment, result.png))
+        deliver = not running.reassigned
+        # Keep the copy while delivering, so the report follows the delivery at once: a
+        # worker killed between the two makes the orchestrator re-run the image. Its task
+        # is made first, so that its publish goes out in one write with the capacity
+        # notice and the result (a write per message is most of the bus's cost per job).
+        keeping = None
+        if deliver and result.ok and result.png is not None:
+            keeping = asyncio.create_task(self._keep(assignment, result.png))
+        await self._image_made(running)
+        if deliver:
             delivered = await self._deliver(messages, dialect)
             if not delivered:
                 log.warning("requester did not confirm the result; giving up on it")
