@@ -11,6 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
+from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient
 
 from .conftest import Stack
@@ -135,3 +136,16 @@ async def test_an_orchestrator_takes_no_more_requests_than_its_capacity(stack: S
     assert 1 <= peak <= 2, peak
     assert small.intake.served + large.intake.served == 16
     assert large.intake.served > small.intake.served
+
+
+async def test_an_orchestrator_recreates_its_consumer_if_it_is_deleted(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        assert client.nc is not None
+        js = client.nc.jetstream()
+        await js.delete_consumer(s.INTAKE_STREAM, s.INTAKE_CONSUMER)  # an operator's slip
+        await asyncio.sleep(1.0)
+        images = await (await client.submit("still served", width=64, height=64)).wait(30)
+        assert len(images) == 1
+        assert (await js.consumer_info(s.INTAKE_STREAM, s.INTAKE_CONSUMER)).name

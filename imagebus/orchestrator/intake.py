@@ -99,6 +99,7 @@ class Intake:
         self._asked = 0  # requests asked for and neither delivered nor expired
         self._heard_at = time.monotonic()  # the last message or status on the inbox
         self._reconnects = nc.stats["reconnects"]
+        self._refused = False  # a pull request was refused: check the consumer, ask again
         self._pull_needed = asyncio.Event()
         self._puller: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
@@ -162,6 +163,11 @@ class Intake:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pull_needed.wait(), self._PULL_HEARTBEAT_S)
             self._pull_needed.clear()
+            if self._refused:
+                self._refused = False
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await self._ensure_consumer()
             reconnects = self.nc.stats["reconnects"]
             if reconnects != self._reconnects:
                 # A restarted server knows none of the pull requests that stood before.
@@ -200,11 +206,11 @@ class Intake:
             self._running[task] = msg
             task.add_done_callback(self._served)
         else:
-            await self._on_status(status, msg)
+            self._on_status(status, msg)
         if self._to_ask():
             self._pull_needed.set()
 
-    async def _on_status(self, status: str, msg: Msg) -> None:
+    def _on_status(self, status: str, msg: Msg) -> None:
         headers = msg.headers or {}
         if status == StatusCode.CONTROL_MESSAGE:
             return  # an idle heartbeat: the pull requests still stand
@@ -212,15 +218,14 @@ class Intake:
         if status == StatusCode.REQUEST_TIMEOUT and unfilled.isdigit():
             self._asked = max(self._asked - int(unfilled), 0)  # a request expired
             return
-        # Refused outright (no consumer, too many waiting, a leader change): ask
-        # afresh, after making sure the consumer exists.
+        # Refused outright (no consumer, too many waiting, a leader change): the puller
+        # makes sure the consumer exists and asks afresh (not here: deliveries would wait).
         self._log.warning(
             "pull request ended", status=status, description=headers.get(Header.DESCRIPTION)
         )
         self._asked = 0
-        await asyncio.sleep(0.5)
-        with contextlib.suppress(Exception):
-            await self._ensure_consumer()
+        self._refused = True
+        self._pull_needed.set()
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
