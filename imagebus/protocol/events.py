@@ -4,7 +4,10 @@ The prototype's requester (LEGACY) gets exactly what the prototype sent: the
 worker id as text on `<inbox>.worker-assigned`, a percentage as text on
 `<inbox>.worker-progress`, and the result on `<inbox>` itself with `success`
 and `mimetype` headers. Native requesters get msgpack messages under
-`<inbox>.<event>`. imagebus headers ride along in both, harmlessly.
+`<inbox>.<event>`, with no headers: the subject names the event and the payload
+carries everything else (nats-py parses every header of every message it receives,
+at a few microseconds each). The prototype's messages also carry imagebus headers
+(job, index, seed), harmlessly.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from .subjects import (
     EVENT_PROGRESS,
     EVENT_REJECTED,
     EVENT_RESULT,
-    HEADER_CONTENT_TYPE,
     HEADER_ERROR_CODE,
     HEADER_INDEX,
     HEADER_JOB_ID,
@@ -40,7 +42,6 @@ from .subjects import (
     HEADER_WORKER_ID,
     LEGACY_ASSIGNED_SUFFIX,
     LEGACY_PROGRESS_SUFFIX,
-    MSGPACK_CONTENT_TYPE,
     event_subject,
 )
 
@@ -49,67 +50,68 @@ from .subjects import (
 class Outbound:
     subject: str
     payload: bytes
-    headers: dict[str, str]
+    headers: dict[str, str] | None  # None: a plain message, with no header block at all
 
     @property
     def size(self) -> int:
         """Bytes the server counts against max_payload: headers included."""
+        if not self.headers:
+            return len(self.payload)
         header_bytes = sum(len(k) + len(v) + 4 for k, v in self.headers.items()) + 14
         return len(self.payload) + header_bytes
 
 
-def _native(inbox: str, event: str, message: object, headers: dict[str, str]) -> Outbound:
-    headers = {HEADER_CONTENT_TYPE: MSGPACK_CONTENT_TYPE, **headers}
-    return Outbound(event_subject(inbox, event), encode(message), headers)
+def _native(inbox: str, event: str, message: object) -> Outbound:
+    return Outbound(event_subject(inbox, event), encode(message), None)
 
 
 def accepted(dialect: Dialect, inbox: str, event: JobAccepted) -> Outbound | None:
     if dialect is Dialect.LEGACY:
         return None  # the prototype had no such event
-    return _native(inbox, EVENT_ACCEPTED, event, {HEADER_JOB_ID: event.job_id})
+    return _native(inbox, EVENT_ACCEPTED, event)
 
 
 def rejected(dialect: Dialect, inbox: str, event: JobRejected) -> Outbound:
-    headers = {HEADER_ERROR_CODE: event.code}
-    if event.job_id:
-        headers[HEADER_JOB_ID] = event.job_id
     if dialect is Dialect.LEGACY:
-        return Outbound(inbox, event.error.encode(), {HEADER_SUCCESS: "false", **headers})
-    return _native(inbox, EVENT_REJECTED, event, headers)
+        headers = {HEADER_SUCCESS: "false", HEADER_ERROR_CODE: event.code}
+        if event.job_id:
+            headers[HEADER_JOB_ID] = event.job_id
+        return Outbound(inbox, event.error.encode(), headers)
+    return _native(inbox, EVENT_REJECTED, event)
 
 
 def assigned(dialect: Dialect, inbox: str, event: TaskAssigned) -> Outbound:
-    headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
     if dialect is Dialect.LEGACY:
+        headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
         subject = event_subject(inbox, LEGACY_ASSIGNED_SUFFIX)
         return Outbound(subject, event.worker_id.encode(), headers)
-    return _native(inbox, EVENT_ASSIGNED, event, headers)
+    return _native(inbox, EVENT_ASSIGNED, event)
 
 
 def progress(dialect: Dialect, inbox: str, event: TaskProgress) -> Outbound:
-    headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
     if dialect is Dialect.LEGACY:
+        headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
         percent = 100.0 * event.step / max(event.steps, 1)
         subject = event_subject(inbox, LEGACY_PROGRESS_SUFFIX)
         return Outbound(subject, f"{percent:.1f}".encode(), headers)
-    return _native(inbox, EVENT_PROGRESS, event, headers)
+    return _native(inbox, EVENT_PROGRESS, event)
 
 
 def result(dialect: Dialect, inbox: str, event: TaskResult) -> Outbound:
-    headers = {
-        HEADER_JOB_ID: event.job_id,
-        HEADER_INDEX: str(event.index),
-        HEADER_SEED: str(event.seed),
-    }
-    if event.worker_id:
-        headers[HEADER_WORKER_ID] = event.worker_id
     if dialect is Dialect.LEGACY:
+        headers = {
+            HEADER_JOB_ID: event.job_id,
+            HEADER_INDEX: str(event.index),
+            HEADER_SEED: str(event.seed),
+        }
+        if event.worker_id:
+            headers[HEADER_WORKER_ID] = event.worker_id
         if event.ok and event.png is not None:
             headers.update({HEADER_SUCCESS: "true", HEADER_MIMETYPE: "image/png"})
             return Outbound(inbox, event.png, headers)
         headers.update({HEADER_SUCCESS: "false", HEADER_ERROR_CODE: event.code or ""})
         return Outbound(inbox, (event.error or "generation failed").encode(), headers)
-    return _native(inbox, EVENT_RESULT, event, headers)
+    return _native(inbox, EVENT_RESULT, event)
 
 
 # Room left in each chunk message for its own envelope and headers.
@@ -143,13 +145,9 @@ def result_messages(
         )
         return failure, [result(dialect, inbox, failure)]
     step = max_payload - _CHUNK_OVERHEAD
-    headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
     chunks = [
         _native(
-            inbox,
-            EVENT_CHUNK,
-            ResultChunk(event.job_id, event.index, seq, png[at : at + step]),
-            headers,
+            inbox, EVENT_CHUNK, ResultChunk(event.job_id, event.index, seq, png[at : at + step])
         )
         for seq, at in enumerate(range(0, len(png), step))
     ]
