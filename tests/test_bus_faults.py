@@ -16,6 +16,13 @@ from .conftest import Stack
 pytestmark = pytest.mark.faults
 
 
+async def _restart(server: NatsServer, data: Path) -> NatsServer:
+    """Stop the server, then start a new one on the same port and JetStream data."""
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(1.0)
+    return await asyncio.to_thread(NatsServer("127.0.0.1", server.port, data).start)
+
+
 async def test_nats_restart_mid_run_serves_every_request(
     database_url: str, tiny_engine: DiffusionEngine, tmp_path: Path
 ) -> None:
@@ -32,11 +39,7 @@ async def test_nats_restart_mid_run_serves_every_request(
             ]
             while sum(job.done for job in jobs) < 4:
                 await asyncio.sleep(0.05)
-            await asyncio.to_thread(server.stop)
-            await asyncio.sleep(1.0)
-            server = await asyncio.to_thread(
-                NatsServer("127.0.0.1", server.port, tmp_path / "nats").start
-            )
+            server = await _restart(server, tmp_path / "nats")
             results = await asyncio.gather(*(job.wait(120) for job in jobs))
         assert [len(images) for images in results] == [1] * 20
     finally:
@@ -55,11 +58,7 @@ async def test_requests_after_a_restart_while_idle_are_served(
         await stack.start_worker()
         async with ImageBusClient(server.url) as client:
             assert len(await (await client.submit("before", width=64, height=64)).wait(30)) == 1
-            await asyncio.to_thread(server.stop)
-            await asyncio.sleep(1.0)
-            server = await asyncio.to_thread(
-                NatsServer("127.0.0.1", server.port, tmp_path / "nats").start
-            )
+            server = await _restart(server, tmp_path / "nats")
             job = await client.submit("after", width=64, height=64)
             images = await job.wait(60)
         assert len(images) == 1
