@@ -22,6 +22,7 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import nats.js.errors
 from nats.aio.client import Client
@@ -69,14 +70,23 @@ def job_id_for(msg: Msg, epoch: str) -> str:
     return hashlib.blake2b(key, digest_size=16, person=b"imagebus-job").hexdigest()
 
 
+@dataclass(eq=False)
+class _Pull:
+    """One standing pull request. Its statuses (heartbeats, expiry, refusal) come on its
+    own inbox; the requests it brings carry their own subject, so are not told apart."""
+
+    batch: int
+    ends_at: float  # past this, the server has dropped it for sure
+
+
 class Intake:
     # Requests asked for ahead: enough to cover a burst, few enough that a second
     # orchestrator gets its share.
     _PULL_BATCH = 64
-    _PULL_EXPIRES_S = 10.0
-    # While a pull request waits, the server says so this often; silence for three
-    # of these means it was lost (a server restart, say) and it is asked again.
-    _PULL_HEARTBEAT_S = 2.0
+    _PULL_EXPIRES_S = 5.0
+    # While a pull request waits, the server says so this often; silence for three of
+    # these means it is gone (a server restart, say) and is asked for again.
+    _PULL_HEARTBEAT_S = 1.0
 
     def __init__(
         self,
@@ -97,9 +107,11 @@ class Intake:
         self._capacity = capacity
         self._running: dict[asyncio.Task[None], Msg] = {}
         self._asked = 0  # requests asked for and neither delivered nor expired
-        self._heard_at = time.monotonic()  # the last message or status on the inbox
-        self._reconnects = nc.stats["reconnects"]
+        self._heard_at = time.monotonic()  # the last request or status that came in
+        self._pulls: dict[str, _Pull] = {}  # by the inbox their statuses come on
+        self._pulls_sent = 0
         self._refused = False  # a pull request was refused: check the consumer, ask again
+        self._stopping = False
         self._pull_needed = asyncio.Event()
         self._puller: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
@@ -114,9 +126,14 @@ class Intake:
 
     async def start(self) -> None:
         self._epoch = await ensure_intake_stream(self.js, self.max_age_s)
-        await self._ensure_consumer()
+        try:
+            await self._ensure_consumer()
+        except nats.js.errors.Error as exc:
+            # An existing consumer with a setting the server will not change: use it as is.
+            await self.js.consumer_info(s.INTAKE_STREAM, s.INTAKE_CONSUMER)
+            self._log.warning("intake consumer kept with its own settings", error=str(exc))
         self._inbox = self.nc.new_inbox()
-        self._subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+        self._subscription = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_delivery)
         self._puller = asyncio.create_task(self._keep_pulling(), name="imagebus-intake")
         self._pull_needed.set()
 
@@ -132,14 +149,16 @@ class Intake:
 
     async def stop(self, grace_s: float) -> None:
         """Stop pulling; give running jobs `grace_s`, then hand the rest back at once."""
+        self._stopping = True  # requests still arriving go back to the stream at once
         if self._puller is not None:
             self._puller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._puller
         if self._subscription is not None:
-            # The server skips pull requests that nobody listens to any more.
+            # The server skips pull requests that nobody listens to any more; draining
+            # hands back the requests it had sent before it heard.
             with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
+                await self._subscription.drain()
         if self._running:
             self._log.info("draining jobs", running=len(self._running))
             _, pending = await asyncio.wait(self._running, timeout=grace_s)
@@ -168,68 +187,89 @@ class Intake:
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(Exception):
                     await self._ensure_consumer()
-            reconnects = self.nc.stats["reconnects"]
-            if reconnects != self._reconnects:
-                # A restarted server knows none of the pull requests that stood before.
-                self._reconnects = reconnects
-                self._asked = 0
-            elif self._asked and time.monotonic() - self._heard_at > 3 * self._PULL_HEARTBEAT_S:
-                self._log.warning("standing pull requests went unanswered; asking again")
-                self._asked = 0
+            self._forget_ended_pulls()
             want = self._to_ask()
-            if not want:
+            if not want or not self.nc.is_connected:
                 continue
+            inbox = f"{self._inbox}.{self._pulls_sent}"
+            self._pulls_sent += 1
             request = {
                 "batch": want,
                 "expires": int(self._PULL_EXPIRES_S * 1e9),
                 "idle_heartbeat": int(self._PULL_HEARTBEAT_S * 1e9),
             }
+            now = time.monotonic()
+            if not self._asked:
+                self._heard_at = now  # the silence counts from now
+            # Counted before it is sent: its first request may come back meanwhile.
+            self._asked += want
+            self._pulls[inbox] = _Pull(want, now + self._PULL_EXPIRES_S + 1.0)
             try:
                 await self.nc.publish(
-                    s.INTAKE_PULL_SUBJECT, json.dumps(request).encode(), reply=self._inbox
+                    s.INTAKE_PULL_SUBJECT, json.dumps(request).encode(), reply=inbox
                 )
             except Exception as exc:  # reconnecting: try again shortly
+                del self._pulls[inbox]
+                self._asked -= want
                 self._log.warning("asking for requests failed; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
                 self._pull_needed.set()
-                continue
-            if not self._asked:
-                self._heard_at = time.monotonic()  # the silence counts from now
-            self._asked += want
+
+    def _forget_ended_pulls(self) -> None:
+        now = time.monotonic()
+        for inbox, pull in list(self._pulls.items()):
+            if now > pull.ends_at:
+                del self._pulls[inbox]  # filled, or expired
+        # A waiting pull request hears from the server every heartbeat; silence means
+        # the server dropped them all (it restarted, say). If they did stand after all,
+        # more requests may come than there is room for: those are handed back.
+        if self._asked and now - self._heard_at > 3 * self._PULL_HEARTBEAT_S:
+            self._log.warning("standing pull requests went unanswered; asking again")
+            self._pulls.clear()
+            self._asked = 0
 
     async def _on_delivery(self, msg: Msg) -> None:
         self._heard_at = time.monotonic()
         status = (msg.headers or {}).get(Header.STATUS)
-        if status is None:
+        if status is not None:
+            self._on_status(status, msg)
+        else:
             self._asked = max(self._asked - 1, 0)
+            if self._stopping or len(self._running) >= self._capacity:
+                # Not to be served here: stopping (another orchestrator takes it now), or
+                # more came than asked for (pull requests taken for lost were not).
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=None if self._stopping else 0.5)
+                return
             task = asyncio.create_task(self._serve(msg))
             self._running[task] = msg
             task.add_done_callback(self._served)
-        else:
-            self._on_status(status, msg)
-        if self._to_ask():
+        if not self._stopping and self._to_ask():
             self._pull_needed.set()
 
     def _on_status(self, status: str, msg: Msg) -> None:
-        headers = msg.headers or {}
         if status == StatusCode.CONTROL_MESSAGE:
             return  # an idle heartbeat: the pull requests still stand
+        pull = self._pulls.pop(msg.subject, None)  # this pull request is over
+        headers = msg.headers or {}
         unfilled = headers.get("Nats-Pending-Messages", "")
-        if status == StatusCode.REQUEST_TIMEOUT and unfilled.isdigit():
-            self._asked = max(self._asked - int(unfilled), 0)  # a request expired
-            return
-        # Refused outright (no consumer, too many waiting, a leader change): the puller
-        # makes sure the consumer exists and asks afresh (not here: deliveries would wait).
+        if unfilled.isdigit():
+            self._asked = max(self._asked - int(unfilled), 0)
+        elif pull is not None:
+            self._asked = max(self._asked - pull.batch, 0)  # refused before it brought any
+        if status == StatusCode.REQUEST_TIMEOUT:
+            return  # it expired: a new one is asked for
+        # Refused (no consumer, too many waiting, a leader change): the puller makes
+        # sure the consumer exists and asks afresh (not here: deliveries would wait).
         self._log.warning(
             "pull request ended", status=status, description=headers.get(Header.DESCRIPTION)
         )
-        self._asked = 0
         self._refused = True
         self._pull_needed.set()
 
     def _served(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
-        if self._to_ask():
+        if not self._stopping and self._to_ask():
             self._pull_needed.set()
 
     async def _serve(self, msg: Msg) -> None:

@@ -340,13 +340,18 @@ class Worker:
         self._generating += 1
         self.peak_generating = max(self.peak_generating, self._generating)
         # Queued before the ack goes out: the model's thread is waking while it travels.
-        queued = self._queue_image(running)
-        free = max(self.free_slots, 0)
-        ack = AssignmentAck(True, self.id, free_slots=free, free_seq=self._next_free_seq())
-        await self._reply(msg, encode(ack))
-        run = asyncio.create_task(self._run(running, queued))
+        # The run (which frees the slot whatever happens) exists before anything can fail.
+        run = asyncio.create_task(self._run(running, self._queue_image(running)))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
+        free = max(self.free_slots, 0)
+        ack = AssignmentAck(True, self.id, free_slots=free, free_seq=self._next_free_seq())
+        try:
+            await self._reply(msg, encode(ack))
+        except Exception:
+            # The orchestrator will not hear of it and gives the image to another worker.
+            running.cancelled = running.reassigned = True
+            raise
 
     # --- running one task ------------------------------------------------------------
 
