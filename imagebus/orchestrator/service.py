@@ -715,7 +715,8 @@ class Orchestrator:
                 self.settings.heartbeat_timeout_s / 2, max(deadline - time.monotonic(), 0)
             )
             try:
-                report = await asyncio.wait_for(asyncio.shield(watch.report), check_in)
+                async with asyncio.timeout(check_in):
+                    report = await asyncio.shield(watch.report)
             except TimeoutError:
                 now = time.monotonic()
                 if now >= deadline:

@@ -137,7 +137,8 @@ class Job:
     async def accepted(self, timeout: float | None = 10.0) -> str:
         """The job id, once an orchestrator has accepted the request."""
         try:
-            await asyncio.wait_for(self._accepted.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._accepted.wait()
         except TimeoutError:
             raise ImageBusError("the job was not accepted in time", "not_accepted") from None
         assert self.job_id is not None
@@ -157,7 +158,8 @@ class Job:
     async def wait(self, timeout: float | None = None) -> list[GeneratedImage]:
         """All images, in index order. Raises GenerationFailed if any failed."""
         try:
-            await asyncio.wait_for(self._done.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._done.wait()
         except TimeoutError:
             missing = sorted(set(range(self.n)) - set(self.results))
             raise ImageBusError(
