@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagebus.protocol import ImageParams
 from imagebus.requester import ImageBusClient
-from imagebus.worker.batching import _StepRelay, _Waiting
+from imagebus.worker.batching import Queued, _StepRelay
 from imagebus.worker.engine import BatchItem, DiffusionEngine, batch_key
 
 from .conftest import Stack
@@ -72,7 +72,7 @@ async def test_progress_never_makes_the_model_thread_wait_for_the_event_loop() -
         seen.append((step, steps))
 
     params = ImageParams("p", 64, 64, 3, 7.5)
-    waiting = _Waiting(BatchItem(params, 1, None), batch_key(params), on_step, loop.create_future())
+    waiting = Queued(BatchItem(params, 1, None), batch_key(params), on_step, loop.create_future())
     relay = _StepRelay([waiting], loop)
     model_thread = threading.Thread(target=lambda: [relay.on_step(i, 3) for i in (1, 2, 3)])
     model_thread.start()

@@ -36,14 +36,13 @@ AsyncStepCallback = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass(eq=False)  # compared by identity: removing one from the queue stays cheap
-class _Waiting:
+class Queued:
+    """An image waiting for a runner: what `Batcher.submit` hands back for `result`."""
+
     item: BatchItem
     key: Hashable
     on_step: AsyncStepCallback | None
     result: asyncio.Future[GeneratedImage]
-
-
-Queued = _Waiting  # what `Batcher.submit` hands back, for `Batcher.result`
 
 
 class Batcher:
@@ -65,7 +64,7 @@ class Batcher:
         self.window_s = window_s if self.max_batch > 1 else 0.0
         self.batches = 0  # pipeline calls made
         self.images = 0  # images made in them
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[Queued] = []
         self._running = 0  # batches being made now (by all runners)
         self._last_batch = 0  # images in the batch made last
         self._last_batch_s = 0.0  # and the seconds it took
@@ -97,7 +96,7 @@ class Batcher:
     ) -> Queued:
         """Queue one image now (a runner picks it up on the loop's next turn); its result
         comes from `result`."""
-        waiting = _Waiting(
+        waiting = Queued(
             BatchItem(params, seed, should_stop),
             batch_key(params),
             on_step,
@@ -117,9 +116,9 @@ class Batcher:
 
     # --- runners ---------------------------------------------------------------------
 
-    def _take(self, key: Hashable | None, room: int) -> list[_Waiting]:
+    def _take(self, key: Hashable | None, room: int) -> list[Queued]:
         """Up to `room` waiting images with `key` (the oldest one's if None), oldest first."""
-        taken: list[_Waiting] = []
+        taken: list[Queued] = []
         for waiting in self._waiting:
             if len(taken) == room:
                 break
@@ -147,7 +146,7 @@ class Batcher:
             finally:
                 self._running -= 1
 
-    async def _fill(self, batch: list[_Waiting]) -> None:
+    async def _fill(self, batch: list[Queued]) -> None:
         """Add compatible images as they arrive, until the batch is full or the window
         closes: `window_s`, or a tenth of the last batch's time if that is longer
         (waiting 10% to make a batch several times larger pays on a GPU)."""
@@ -161,13 +160,13 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), left)
             batch += self._take(batch[0].key, self.max_batch - len(batch))
 
-    def _concurrent(self, batch: list[_Waiting]) -> bool:
+    def _concurrent(self, batch: list[Queued]) -> bool:
         """Whether requests are coming in together, so that waiting may fill the batch:
         this one already has several images, another batch is being made, or the last
         one had several. A lone request on a worker serving one at a time starts at once."""
         return len(batch) > 1 or self._running > 0 or self._last_batch > 1
 
-    async def _run_batch(self, batch: list[_Waiting]) -> None:
+    async def _run_batch(self, batch: list[Queued]) -> None:
         loop = asyncio.get_running_loop()
         progress = _StepRelay(batch, loop)
         items = [waiting.item for waiting in batch]
@@ -196,7 +195,7 @@ class Batcher:
             self._encodings.add(encoding)
             encoding.add_done_callback(self._encodings.discard)
 
-    async def _encode(self, waiting: _Waiting, image: Any, started: float) -> None:
+    async def _encode(self, waiting: Queued, image: Any, started: float) -> None:
         try:
             if self.engine.encoder is None:
                 png = self.engine.encode(image)
@@ -217,7 +216,7 @@ class _StepRelay:
     making the thread wait for the loop (a busy loop must not slow the model down):
     the thread queues each step, and one publisher on the loop sends them in order."""
 
-    def __init__(self, batch: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, batch: list[Queued], loop: asyncio.AbstractEventLoop) -> None:
         self._batch = batch
         self._loop = loop
         self._steps: deque[tuple[int, int]] = deque()  # at most one per step: bounded
