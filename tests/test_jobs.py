@@ -10,9 +10,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from nats.js.api import StreamConfig
 from PIL import Image
+from structlog.testing import capture_logs
 
 from imagebus.protocol import request_schema
+from imagebus.protocol import subjects as s
 from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, WorkerSettings
 from imagebus.worker import Worker
@@ -132,6 +135,38 @@ async def test_requester_may_leave_and_fetch_the_images_later(stack: Stack, tmp_
         assert all(_png_size(archive.read(name)) == (64, 48) for name in names)
     code, stdout, _ = await run_cli("job", "status", job_id, "--nats-url", stack.nats_url)
     assert code == 0 and f"job {job_id}: done, 3 of 3 images done" in stdout
+
+
+@pytest.mark.parametrize("stream", ["refusing", "missing"])
+async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_delivered(
+    stack: Stack, stream: str
+) -> None:
+    await stack.start_orchestrator()  # it creates the results stream if there is none
+    await stack.start_worker()
+    nc = await raw_client(stack.nats_url)
+    js = nc.jetstream()
+    await js.delete_stream(s.RESULTS_STREAM)
+    if stream == "refusing":
+        config = StreamConfig(
+            name=s.RESULTS_STREAM, subjects=[s.RESULTS_SUBJECTS], max_msg_size=64
+        )
+        await js.add_stream(config)
+    await nc.close()
+    with capture_logs() as logs:
+        async with ImageBusClient(stack.nats_url) as client:
+            job = await client.submit("not kept", width=64, height=64, steps=2)
+            (image,) = await job.wait(60)
+            for _ in range(100):  # the stream's answer follows the image
+                if any(e["event"] == "result not kept in the results stream" for e in logs):
+                    break
+                await asyncio.sleep(0.05)
+    assert _png_size(image.png) == (64, 64)
+    (refused,) = [e for e in logs if e["event"] == "result not kept in the results stream"]
+    assert (refused["job_id"], refused["index"]) == (job.job_id, "0")
+    if stream == "missing":
+        assert refused["reason"] == "no results stream on this bus"
+    else:
+        assert "maximum" in refused["reason"], refused
 
 
 async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: Stack) -> None:

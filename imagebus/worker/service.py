@@ -106,6 +106,8 @@ class Worker:
             settings.slots, thread_name_prefix=f"imagebus-{self.id}"
         )
         self._batchers: dict[str, Batcher] = {}
+        # JetStream's acks of the kept copies come here (see _keep).
+        self._kept_inbox = ""
         self.loop_lag = LoopLag()
         self._log = get_logger(worker_id=self.id)
 
@@ -163,7 +165,9 @@ class Worker:
             self._batchers[model].start()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
         await self._check_id_unused()
+        self._kept_inbox = self.nc.new_inbox()
         self._subscriptions = [
+            await self.nc.subscribe(f"{self._kept_inbox}.>", cb=self._on_kept),
             await self.nc.subscribe(s.worker_ping_subject(self.id), cb=self._on_ping),
             await self.nc.subscribe(s.worker_release_subject(self.id), cb=self._on_release),
             await self.nc.subscribe(s.worker_assign_subject(self.id), cb=self._on_assign),
@@ -423,20 +427,15 @@ class Worker:
             dialect, assignment.reply_inbox, result, self.nc.max_payload
         )
         deliver = not running.reassigned
-        # Keep the copy while delivering, so the report follows the delivery at once: a
-        # worker killed between the two makes the orchestrator re-run the image. Its task
-        # is made first, so that its publish goes out in one write with the capacity
-        # notice and the result (a write per message is most of the bus's cost per job).
-        keeping = None
+        # The copy, the capacity notice and the result go out in one write (a write per
+        # message is most of the bus's cost per job).
         if deliver and result.ok and result.png is not None:
-            keeping = asyncio.create_task(self._keep(assignment, result.png))
+            await self._keep(assignment, result.png)
         await self._image_made(running)
         if deliver:
             delivered = await self._deliver(messages, dialect)
             if not delivered:
                 log.warning("requester did not confirm the result; giving up on it")
-            if keeping is not None:
-                await keeping
         if result.ok:
             self.tasks_done += 1
             self._seconds_total += seconds
@@ -512,17 +511,37 @@ class Worker:
         await self.nc.publish(out.subject, out.payload, headers=out.headers)
 
     async def _keep(self, assignment: TaskAssignment, png: bytes) -> None:
-        """Store the image in the results stream, for `imagebus job fetch` later."""
+        """Store the image in the results stream, for `imagebus job fetch` later.
+
+        Published without waiting for JetStream's ack: the requester gets its image
+        either way, and waiting would cost a request (a reply inbox, a future, a
+        timer) per job. The acks come to `_on_kept`, which logs the refused copies.
+        """
         assert self.nc is not None
-        js = self.nc.jetstream()
         copies = results.copy_messages(
             assignment.job_id, assignment.index, png, self.nc.max_payload
         )
+        reply = f"{self._kept_inbox}.{assignment.job_id}.{assignment.index}"
         try:
             for out in copies:
-                await js.publish(out.subject, out.payload, headers=out.headers)
+                await self.nc.publish(out.subject, out.payload, reply=reply, headers=out.headers)
         except Exception as exc:  # the requester has its image; only the copy is missing
             self._log.warning("result not kept in the results stream", error=repr(exc))
+
+    async def _on_kept(self, msg: Msg) -> None:
+        """JetStream's ack of a kept copy: silent when stored, logged when refused."""
+        status = (msg.headers or {}).get("Status")
+        if status is None and b'"error"' not in msg.data:
+            return
+        job_id, _, index = msg.subject[len(self._kept_inbox) + 1 :].partition(".")
+        reason = (
+            "no results stream on this bus"
+            if status == "503"
+            else msg.data[:300].decode(errors="replace")
+        )
+        self._log.warning(
+            "result not kept in the results stream", job_id=job_id, index=index, reason=reason
+        )
 
     async def _deliver(self, messages: list[Outbound], dialect: Dialect) -> bool:
         """Send a result so that it survives a bus hiccup.
