@@ -47,10 +47,12 @@ class CapacitySignal:
             self._waiters.append(waiter)
         try:
             try:
-                worker_id = await asyncio.wait_for(asyncio.shield(waiter.handed), timeout)
+                async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                    return True, await asyncio.shield(waiter.handed)
             except TimeoutError:
+                if waiter.handed.done():  # handed a slot just as the time ran out
+                    return True, waiter.handed.result()
                 return False, None
-            return True, worker_id
         finally:
             if not waiter.handed.done():
                 waiter.handed.cancel()
