@@ -147,9 +147,7 @@ async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_d
     js = nc.jetstream()
     await js.delete_stream(s.RESULTS_STREAM)
     if stream == "refusing":
-        config = StreamConfig(
-            name=s.RESULTS_STREAM, subjects=[s.RESULTS_SUBJECTS], max_msg_size=64
-        )
+        config = StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_SUBJECTS], max_msg_size=64)
         await js.add_stream(config)
     await nc.close()
     with capture_logs() as logs:

@@ -187,16 +187,25 @@ class Database:
 
         Records are grouped by kind: jobs first (a job's row always comes before its
         tasks' updates), then each task's updates merged in order into one, then the
-        attempts. The result is the same as applying the records one by one.
+        attempts. A task whose job is new in this batch (most of them: a job takes
+        milliseconds, a batch gathers for 50) is inserted as it ends up, and its job
+        with its state, instead of being inserted and then updated. The result is the
+        same as applying the records one by one.
         """
         jobs = [r for r in records if isinstance(r, JobRow)]
         updates = _merge_task_updates(r for r in records if isinstance(r, TaskUpdate))
         attempts = [r for r in records if isinstance(r, AttemptRecord)]
+        new_jobs = {j.job_id for j in jobs}
+        folded = {(u.job_id, u.index): u for u in updates if u.job_id in new_jobs}
+        later = [u for u in updates if u.job_id not in new_jobs]
         async with self.pool.acquire() as conn, conn.transaction():
             if jobs:
-                await _insert_jobs(conn, jobs)
+                await _insert_jobs(conn, jobs, folded)
+            if later:
+                await _update_tasks(conn, later)
             if updates:
-                await _update_tasks(conn, updates)
+                await _count_for_workers(conn, updates)
+                await _settle_jobs(conn, sorted({u.job_id for u in updates}))
             if attempts:
                 await _insert_attempts(conn, attempts)
 
@@ -220,36 +229,88 @@ def _merge_task_updates(updates: Iterable[TaskUpdate]) -> list[TaskUpdate]:
     return list(merged.values())
 
 
-async def _insert_jobs(conn: asyncpg.Connection, jobs: Sequence[JobRow]) -> None:
+_FINAL_TASK_STATES = frozenset({"done", "failed"})
+
+
+def _job_state(job: JobRow, folded: dict[tuple[str, int], TaskUpdate]) -> tuple[str, bool]:
+    """A new job's state, and whether it is finished, from its tasks' updates in this
+    batch: what _settle_jobs would make of them once inserted."""
+    tasks = [folded.get((job.job_id, i)) for i in range(len(job.seeds))]
+    if not any(tasks):
+        return "queued", False
+    if not all(t is not None and t.state in _FINAL_TASK_STATES for t in tasks):
+        return "running", False
+    failed = sum(t is not None and t.state == "failed" for t in tasks)
+    cancelled = sum(t is not None and t.error_code == "cancelled" for t in tasks)
+    if failed == 0:
+        return "done", True
+    if cancelled == len(tasks):
+        return "cancelled", True
+    return ("failed" if failed == len(tasks) else "partial"), True
+
+
+async def _insert_jobs(
+    conn: asyncpg.Connection, jobs: Sequence[JobRow], folded: dict[tuple[str, int], TaskUpdate]
+) -> None:
+    """New jobs and their tasks, with the updates they already have in this batch.
+
+    A job served again after its orchestrator was lost is already there: its job row
+    is left for _settle_jobs, and its tasks are updated as _update_tasks would.
+    """
+    rows = []
+    for j in jobs:
+        state, finished = _job_state(j, folded)
+        rows.append(
+            (
+                j.job_id, j.orchestrator_id, j.dialect, j.inbox, j.prompt, j.negative_prompt,
+                j.model, j.width, j.height, j.steps, j.guidance, j.n, j.created_at, state,
+                finished,
+            )
+        )  # fmt: skip
     await conn.executemany(
         "INSERT INTO jobs (job_id, orchestrator_id, dialect, inbox, prompt,"
-        " negative_prompt, model, width, height, steps, guidance, n, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " negative_prompt, model, width, height, steps, guidance, n, created_at,"
+        " state, finished_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+        " $14, CASE WHEN $15::boolean THEN now() END)"
         " ON CONFLICT (job_id) DO NOTHING",
-        [
-            (
-                j.job_id,
-                j.orchestrator_id,
-                j.dialect,
-                j.inbox,
-                j.prompt,
-                j.negative_prompt,
-                j.model,
-                j.width,
-                j.height,
-                j.steps,
-                j.guidance,
-                j.n,
-                j.created_at,
-            )
-            for j in jobs
-        ],
+        rows,
     )
-    await conn.executemany(
-        "INSERT INTO tasks (job_id, task_index, seed) VALUES ($1, $2, $3)"
-        " ON CONFLICT (job_id, task_index) DO NOTHING",
-        [(j.job_id, i, seed) for j in jobs for i, seed in enumerate(j.seeds)],
-    )
+    untouched = []
+    touched = []
+    for j in jobs:
+        for i, seed in enumerate(j.seeds):
+            u = folded.get((j.job_id, i))
+            if u is None:
+                untouched.append((j.job_id, i, seed))
+            else:
+                touched.append(
+                    (
+                        j.job_id, i, seed, u.state, u.worker_id, u.recruit_attempts,
+                        u.assigned_at, u.finished_at, u.seconds, u.error, u.error_code,
+                    )
+                )  # fmt: skip
+    if untouched:
+        await conn.executemany(
+            "INSERT INTO tasks (job_id, task_index, seed) VALUES ($1, $2, $3)"
+            " ON CONFLICT (job_id, task_index) DO NOTHING",
+            untouched,
+        )
+    if touched:
+        await conn.executemany(
+            "INSERT INTO tasks (job_id, task_index, seed, state, worker_id,"
+            " recruit_attempts, assigned_at, finished_at, seconds, error, error_code)"
+            " VALUES ($1, $2, $3, $4, $5, COALESCE($6, 0), $7, $8, $9, $10, $11)"
+            " ON CONFLICT (job_id, task_index) DO UPDATE SET state = $4,"
+            " worker_id = COALESCE($5, tasks.worker_id),"
+            " recruit_attempts = COALESCE($6, tasks.recruit_attempts),"
+            " assigned_at = COALESCE($7, tasks.assigned_at),"
+            " finished_at = COALESCE($8, tasks.finished_at),"
+            " seconds = COALESCE($9, tasks.seconds),"
+            " error = COALESCE($10, tasks.error),"
+            " error_code = COALESCE($11, tasks.error_code)",
+            touched,
+        )
 
 
 async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate]) -> None:
@@ -279,7 +340,10 @@ async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate])
             for u in updates
         ],
     )
-    # Counted per worker first: one row change per worker and batch, not one per task.
+
+
+async def _count_for_workers(conn: asyncpg.Connection, updates: Sequence[TaskUpdate]) -> None:
+    """Finished tasks per worker: one row change per worker and batch, not per task."""
     done: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     for u in updates:
@@ -293,8 +357,11 @@ async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate])
             " failures = workers.failures + EXCLUDED.failures",
             [(w, done[w], failed[w]) for w in sorted(done.keys() | failed.keys())],
         )
-    job_ids = sorted({u.job_id for u in updates})
-    # A job is finished once none of its tasks is still open.
+
+
+async def _settle_jobs(conn: asyncpg.Connection, job_ids: Sequence[str]) -> None:
+    """A job is finished once none of its tasks is still open, running once one is
+    assigned. (New jobs were inserted so: this only reads their tasks.)"""
     await conn.execute(
         "UPDATE jobs SET state = CASE WHEN agg.failed = 0 THEN 'done'"
         "   WHEN agg.cancelled = agg.total THEN 'cancelled'"
