@@ -6,13 +6,14 @@ import asyncio
 import io
 import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from imagebus.protocol import ImageParams
 from imagebus.requester import ImageBusClient
-from imagebus.worker.batching import Queued, _StepRelay
+from imagebus.worker.batching import Batcher, Queued, _StepRelay
 from imagebus.worker.engine import BatchItem, DiffusionEngine, batch_key
 
 from .conftest import Stack
@@ -83,3 +84,35 @@ async def test_progress_never_makes_the_model_thread_wait_for_the_event_loop() -
     assert seen == []
     await relay.sent()
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_a_batch_frees_its_slots_once_rendered_before_its_pngs_are_encoded(
+    tiny_engine: DiffusionEngine,
+) -> None:
+    events: list[str] = []
+    queued: list[Queued] = []
+
+    async def batch_rendered() -> None:
+        # What the worker does here is announce the freed slots: the images are made
+        # but none is encoded yet, so new work travels while they are.
+        events.append(f"batch rendered, results ready: {sum(q.result.done() for q in queued)}")
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(
+            tiny_engine, executor, max_batch=2, window_s=0.5, on_rendered=batch_rendered
+        )
+        batcher.start()
+        try:
+            params = ImageParams("slots", 64, 64, 2, 7.5)
+            for seed in (1, 2):
+                queued.append(
+                    batcher.submit(
+                        params, seed, on_rendered=lambda s=seed: events.append(f"rendered {s}")
+                    )
+                )
+            images = [await batcher.result(q) for q in queued]
+        finally:
+            await batcher.stop()
+    assert events == ["rendered 1", "rendered 2", "batch rendered, results ready: 0"]
+    assert all(image.png.startswith(b"\x89PNG") for image in images)
+    assert batcher.batches == 1

@@ -13,7 +13,9 @@ instead of splitting into two half-sized ones.
 
 Seeds, prompts, progress and cancellation stay per image (see
 `DiffusionEngine.render_batch`); with `max_batch` 1 this is a plain queue. PNG
-encoding runs in the engine's encoder threads while the runner starts the next batch.
+encoding runs in the engine's encoder threads while the runner starts the next batch,
+and `on_rendered` is told as soon as a batch is rendered, before its encoding, so the
+worker frees those slots and new work can be on its way meanwhile.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Queued:
     key: Hashable
     on_step: AsyncStepCallback | None
     result: asyncio.Future[GeneratedImage]
+    on_rendered: Callable[[], None] | None = None  # its batch is rendered, not yet encoded
 
 
 class Batcher:
@@ -56,8 +59,11 @@ class Batcher:
         runners: int = 1,
         max_batch: int = 1,
         window_s: float = 0.0,
+        on_rendered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
+        # Awaited once per batch, after each image's own on_rendered.
+        self.on_rendered = on_rendered
         self.executor = executor
         self.runners = max(runners, 1)
         self.max_batch = max(max_batch, 1)
@@ -93,6 +99,7 @@ class Batcher:
         seed: int,
         on_step: AsyncStepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_rendered: Callable[[], None] | None = None,
     ) -> Queued:
         """Queue one image now (a runner picks it up on the loop's next turn); its result
         comes from `result`."""
@@ -101,6 +108,7 @@ class Batcher:
             batch_key(params),
             on_step,
             asyncio.get_running_loop().create_future(),
+            on_rendered,
         )
         self._waiting.append(waiting)
         self._arrived.set()
@@ -177,6 +185,12 @@ class Batcher:
             )
         except Exception as exc:  # the whole call failed: every image in it did
             rendered = [exc] * len(batch)
+        for waiting in batch:
+            if waiting.on_rendered is not None:
+                waiting.on_rendered()
+        if self.on_rendered is not None:
+            with contextlib.suppress(Exception):
+                await self.on_rendered()
         await progress.sent()  # the last step's events go out before the results
         self.batches += 1
         self.images += len(batch)

@@ -161,6 +161,7 @@ class Worker:
                 runners=runners,
                 max_batch=self.settings.max_batch,
                 window_s=self.settings.batch_window_ms / 1000,
+                on_rendered=self._announce_capacity,
             )
             self._batchers[model].start()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
@@ -372,12 +373,17 @@ class Worker:
                 await self._image_made(running)
 
     async def _image_made(self, running: RunningTask) -> None:
-        """Free the task's slot: its image is made (or never will be), and the next
-        image may start while this one's result travels."""
-        running.generating = False
-        self._generating -= 1
+        """Free the task's slot and say so: its image will never be made."""
+        self._free_slot(running)
         with contextlib.suppress(Exception):
             await self._announce_capacity()
+
+    def _free_slot(self, running: RunningTask) -> None:
+        """The image is rendered (or never will be): the next may start while this one
+        is encoded and travels."""
+        if running.generating:
+            running.generating = False
+            self._generating -= 1
 
     def _queue_image(self, running: RunningTask) -> Queued:
         assignment = running.assignment
@@ -390,7 +396,11 @@ class Worker:
             await self._send(events.progress(dialect, assignment.reply_inbox, progress))
 
         return self._batchers[engine.model].submit(
-            assignment.params, assignment.seed, on_step, lambda: running.cancelled
+            assignment.params,
+            assignment.seed,
+            on_step,
+            lambda: running.cancelled,
+            lambda: self._free_slot(running),
         )
 
     async def _run_body(self, running: RunningTask, queued: Queued) -> None:
@@ -427,11 +437,12 @@ class Worker:
             dialect, assignment.reply_inbox, result, self.nc.max_payload
         )
         deliver = not running.reassigned
-        # The copy, the capacity notice and the result go out in one write (a write per
-        # message is most of the bus's cost per job).
+        # The copy and the result go out in one write (a write per message is most of
+        # the bus's cost per job). The slot was freed when the image was rendered.
         if deliver and result.ok and result.png is not None:
             await self._keep(assignment, result.png)
-        await self._image_made(running)
+        if running.generating:  # the image never reached a batch (cancelled while queued)
+            await self._image_made(running)
         if deliver:
             delivered = await self._deliver(messages, dialect)
             if not delivered:
