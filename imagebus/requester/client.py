@@ -193,8 +193,10 @@ class Job:
         event = msg.subject[len(self.inbox) + 1 :]
         try:
             if event == s.EVENT_PROGRESS:
+                if self.on_progress is None:
+                    return  # nobody follows this job's progress: no need to decode it
                 progress = decode(TaskProgress, msg.data)
-                if self.on_progress and progress.index not in self.results:
+                if progress.index not in self.results:
                     self.on_progress(
                         Progress(progress.index, progress.step, progress.steps, progress.worker_id)
                     )
