@@ -19,6 +19,7 @@ from imagebus.protocol import subjects as s
 from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, WorkerSettings
 from imagebus.worker import Worker
+from imagebus.worker import service as worker_service
 
 from .conftest import Stack
 from .helpers import SETTLE_S, collect, raw_client, run_cli
@@ -137,9 +138,9 @@ async def test_requester_may_leave_and_fetch_the_images_later(stack: Stack, tmp_
     assert code == 0 and f"job {job_id}: done, 3 of 3 images done" in stdout
 
 
-@pytest.mark.parametrize("stream", ["refusing", "missing"])
+@pytest.mark.parametrize("stream", ["refusing", "missing", "silent"])
 async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_delivered(
-    stack: Stack, stream: str
+    stack: Stack, stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await stack.start_orchestrator()  # it creates the results stream if there is none
     await stack.start_worker()
@@ -149,20 +150,29 @@ async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_d
     if stream == "refusing":
         config = StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_SUBJECTS], max_msg_size=64)
         await js.add_stream(config)
-    await nc.close()
-    with capture_logs() as logs:
-        async with ImageBusClient(stack.nats_url) as client:
-            job = await client.submit("not kept", width=64, height=64, steps=2)
-            (image,) = await job.wait(60)
-            for _ in range(100):  # the stream's answer follows the image
-                if any(e["event"] == "result not kept in the results stream" for e in logs):
-                    break
-                await asyncio.sleep(0.05)
+    if stream == "silent":
+        # A plain subscriber (someone debugging with `nats sub`) takes the copy instead
+        # of a stream: nothing answers it, so the worker gives up on it after a while.
+        await nc.subscribe(s.RESULTS_SUBJECTS)
+        monkeypatch.setattr(worker_service, "_COPY_ANSWER_WITHIN_S", 0.2)
+    try:
+        with capture_logs() as logs:
+            async with ImageBusClient(stack.nats_url) as client:
+                job = await client.submit("not kept", width=64, height=64, steps=2)
+                (image,) = await job.wait(60)
+                for _ in range(100):  # the stream's answer, or its absence, follows the image
+                    if any(e["event"] == "result not kept in the results stream" for e in logs):
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
     assert _png_size(image.png) == (64, 64)
     (refused,) = [e for e in logs if e["event"] == "result not kept in the results stream"]
     assert (refused["job_id"], refused["index"]) == (job.job_id, "0")
     if stream == "missing":
         assert refused["reason"] == "no results stream on this bus"
+    elif stream == "silent":
+        assert refused["reason"] == "no answer from JetStream in 0.2s"
     else:
         assert "maximum" in refused["reason"], refused
 

@@ -18,14 +18,20 @@ async def test_a_1024_png_above_max_payload_arrives_byte_exact(
     stack: Stack, tiny_engine: DiffusionEngine
 ) -> None:
     await stack.start_orchestrator()
-    await stack.start_worker()
+    worker = await stack.start_worker()
     async with ImageBusClient(stack.nats_url) as client:
         assert client.nc is not None
         max_payload = client.nc.max_payload
         job = await client.submit("big", width=1024, height=1024, steps=2, seed=99)
         (image,) = await job.wait(120)
-        # Its copy in the results stream is whole too (kept as several chunks).
+        # Its copy in the results stream is whole too (kept as several chunks)...
         kept = await _fetch_when_kept(client, job.job_id)
+    # ...and the worker heard JetStream's answer for every chunk of it.
+    for _ in range(100):
+        if not worker._unanswered_copies:
+            break
+        await asyncio.sleep(0.05)
+    assert worker._unanswered_copies == {}
     params = ImageParams("big", 1024, 1024, 2, 7.5)
     expected = await asyncio.to_thread(tiny_engine.generate, params, 99)
     assert len(image.png) > max_payload  # really above the 1 MiB limit

@@ -187,7 +187,10 @@ class Batcher:
             rendered = [exc] * len(batch)
         for waiting in batch:
             if waiting.on_rendered is not None:
-                waiting.on_rendered()
+                try:
+                    waiting.on_rendered()
+                except Exception:  # the others' slots and results must not wait on it
+                    self._log.exception("on_rendered failed")
         if self.on_rendered is not None:
             with contextlib.suppress(Exception):
                 await self.on_rendered()

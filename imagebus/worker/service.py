@@ -57,12 +57,22 @@ from .batching import Batcher, Queued
 from .engine import Engine, GenerationCancelled, NoopEngine, load_engine
 
 _DELIVERY_PATIENCE_S = 30.0
+# A kept copy that JetStream has not answered for this long is taken as lost.
+_COPY_ANSWER_WITHIN_S = 10.0
 _DELIVERIES_PER_SLOT = 4
 _REQUESTER_GONE_AFTER_S = 5.0
 
 
 class WorkerIdInUse(RuntimeError):
     pass
+
+
+@dataclass
+class _UnansweredCopy:
+    """An image's copy on its way to the results stream, until JetStream answers."""
+
+    chunks_left: int
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -106,8 +116,9 @@ class Worker:
             settings.slots, thread_name_prefix=f"imagebus-{self.id}"
         )
         self._batchers: dict[str, Batcher] = {}
-        # JetStream's acks of the kept copies come here (see _keep).
+        # JetStream's acks of the kept copies come here (see _keep), by "<job>.<index>".
         self._kept_inbox = ""
+        self._unanswered_copies: dict[str, _UnansweredCopy] = {}
         self.loop_lag = LoopLag()
         self._log = get_logger(worker_id=self.id)
 
@@ -270,6 +281,7 @@ class Worker:
                         await self.nc.publish(a.heartbeat_subject, encode(beat))
                 if beats % every == 0:
                     await self._advertise()
+                self._give_up_unanswered_copies()
             except Exception as exc:  # a missed beat is survivable; a dead loop is not
                 self._log.warning("heartbeat failed", error=repr(exc))
 
@@ -441,8 +453,6 @@ class Worker:
         # the bus's cost per job). The slot was freed when the image was rendered.
         if deliver and result.ok and result.png is not None:
             await self._keep(assignment, result.png)
-        if running.generating:  # the image never reached a batch (cancelled while queued)
-            await self._image_made(running)
         if deliver:
             delivered = await self._deliver(messages, dialect)
             if not delivered:
@@ -526,30 +536,56 @@ class Worker:
 
         Published without waiting for JetStream's ack: the requester gets its image
         either way, and waiting would cost a request (a reply inbox, a future, a
-        timer) per job. The acks come to `_on_kept`, which logs the refused copies.
+        timer) per job. The acks come to `_on_kept`, which logs the refused copies;
+        a copy left unanswered is logged by the heartbeat loop.
         """
         assert self.nc is not None
         copies = results.copy_messages(
             assignment.job_id, assignment.index, png, self.nc.max_payload
         )
-        reply = f"{self._kept_inbox}.{assignment.job_id}.{assignment.index}"
+        token = f"{assignment.job_id}.{assignment.index}"
+        reply = f"{self._kept_inbox}.{token}"
+        self._unanswered_copies[token] = _UnansweredCopy(len(copies))
         try:
             for out in copies:
                 await self.nc.publish(out.subject, out.payload, reply=reply, headers=out.headers)
         except Exception as exc:  # the requester has its image; only the copy is missing
-            self._log.warning("result not kept in the results stream", error=repr(exc))
+            self._unanswered_copies.pop(token, None)
+            self._copy_not_kept(token, repr(exc))
 
     async def _on_kept(self, msg: Msg) -> None:
-        """JetStream's ack of a kept copy: silent when stored, logged when refused."""
+        """JetStream's answer for one chunk of a kept copy: silent when stored, logged
+        (once per copy) when refused."""
+        token = msg.subject[len(self._kept_inbox) + 1 :]
+        copy = self._unanswered_copies.get(token)
+        if copy is None:
+            return  # already refused, or given up on
         status = (msg.headers or {}).get("Status")
         if status is None and b'"error"' not in msg.data:
+            copy.chunks_left -= 1
+            if copy.chunks_left <= 0:
+                del self._unanswered_copies[token]
             return
-        job_id, _, index = msg.subject[len(self._kept_inbox) + 1 :].partition(".")
+        del self._unanswered_copies[token]
         reason = (
             "no results stream on this bus"
             if status == "503"
             else msg.data[:300].decode(errors="replace")
         )
+        self._copy_not_kept(token, reason)
+
+    def _give_up_unanswered_copies(self) -> None:
+        """Copies JetStream never answered (lost on the way, taken by a plain subscriber
+        instead of a stream, no stream leader) are not kept: say so."""
+        too_old = time.monotonic() - _COPY_ANSWER_WITHIN_S
+        for token, copy in list(self._unanswered_copies.items()):
+            if copy.sent_at < too_old:
+                del self._unanswered_copies[token]
+                reason = f"no answer from JetStream in {_COPY_ANSWER_WITHIN_S:g}s"
+                self._copy_not_kept(token, reason)
+
+    def _copy_not_kept(self, token: str, reason: str) -> None:
+        job_id, _, index = token.partition(".")
         self._log.warning(
             "result not kept in the results stream", job_id=job_id, index=index, reason=reason
         )
