@@ -91,6 +91,11 @@ async def _rows(db: Database, job_id: str) -> tuple[list[dict[str, object]], ...
     return tuple([dict(r) for r in rows] for rows in (job, tasks, attempts))
 
 
+async def _worker_counts(db: Database) -> dict[str, tuple[int, int]]:
+    rows = await db.pool.fetch("SELECT worker_id, tasks_done, failures FROM workers")
+    return {r["worker_id"]: (r["tasks_done"], r["failures"]) for r in rows}
+
+
 @pytest.mark.parametrize(
     ("records", "job_state"),
     [
@@ -108,8 +113,11 @@ async def test_a_batch_leaves_the_same_rows_as_writing_records_one_by_one(
     try:
         await db.migrate()
         await db.write(records("batched"))
+        counted_batched = await _worker_counts(db)
+        await db.pool.execute("DELETE FROM workers")
         for record in records("one-by-one"):
             await db.write([record])
+        counted_one_by_one = await _worker_counts(db)
         # Served again: the first serving's records were written in an earlier batch.
         if records is _served_again:
             first = _running("split")
@@ -121,6 +129,7 @@ async def test_a_batch_leaves_the_same_rows_as_writing_records_one_by_one(
     finally:
         await db.close()
     assert batched == one_by_one
+    assert counted_batched == counted_one_by_one
     job, tasks, attempts = batched
     assert job == [{"state": job_state[0], "finished": job_state[1]}]
     if records is _partial:

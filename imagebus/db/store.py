@@ -193,7 +193,8 @@ class Database:
         same as applying the records one by one.
         """
         jobs = [r for r in records if isinstance(r, JobRow)]
-        updates = _merge_task_updates(r for r in records if isinstance(r, TaskUpdate))
+        task_updates = [r for r in records if isinstance(r, TaskUpdate)]
+        updates = _merge_task_updates(task_updates)
         attempts = [r for r in records if isinstance(r, AttemptRecord)]
         new_jobs = {j.job_id for j in jobs}
         folded = {(u.job_id, u.index): u for u in updates if u.job_id in new_jobs}
@@ -204,7 +205,9 @@ class Database:
             if later:
                 await _update_tasks(conn, later)
             if updates:
-                await _count_for_workers(conn, updates)
+                # From every update, not the merged ones: each finished task counts once
+                # for the worker it names, as when written one by one.
+                await _count_for_workers(conn, task_updates)
                 await _settle_jobs(conn, sorted({u.job_id for u in updates}))
             if attempts:
                 await _insert_attempts(conn, attempts)
