@@ -67,3 +67,21 @@ async def test_a_task_that_waited_before_goes_back_to_the_head_of_the_line() -> 
     assert not newer.done()
     signal.wake_all()
     await newer
+
+
+async def test_a_slot_handed_to_a_task_cancelled_before_it_resumes_goes_back() -> None:
+    returned: list[str] = []
+    signal = CapacitySignal(on_unclaimed=returned.append)
+    waiting = asyncio.create_task(signal.wait(_call("timed out"), 5))
+    await asyncio.sleep(0)
+    assert signal.hand_over("w", 1, lambda call: True) == 1
+    waiting.cancel()  # its job timed out in the same turn: it never used the slot
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()
+    assert returned == ["w"]
+    # Cancelled with nothing handed: nothing to give back.
+    idle = asyncio.create_task(signal.wait(_call("idle"), 5))
+    await asyncio.sleep(0)
+    idle.cancel()
+    await asyncio.gather(idle, return_exceptions=True)
+    assert returned == ["w"] and signal.waiting == 0

@@ -26,8 +26,10 @@ class _Waiter:
 
 
 class CapacitySignal:
-    def __init__(self) -> None:
+    def __init__(self, on_unclaimed: Callable[[str], None] | None = None) -> None:
         self._waiters: deque[_Waiter] = deque()
+        # Given a worker id whose slot was handed to a task cancelled before taking it.
+        self._on_unclaimed = on_unclaimed
 
     @property
     def waiting(self) -> int:
@@ -53,6 +55,14 @@ class CapacitySignal:
                 if waiter.handed.done():  # handed a slot just as the time ran out
                     return True, waiter.handed.result()
                 return False, None
+            except asyncio.CancelledError:
+                # Cancelled (its job timed out, say) once a slot was handed to it: the
+                # slot is not lost, it goes back (to the next in line).
+                handed = waiter.handed
+                worker_id = handed.result() if handed.done() and not handed.cancelled() else None
+                if worker_id is not None and self._on_unclaimed is not None:
+                    self._on_unclaimed(worker_id)
+                raise
         finally:
             if not waiter.handed.done():
                 waiter.handed.cancel()

@@ -136,7 +136,7 @@ class Orchestrator:
         self.db: Database | None = None
         self.recorder: JobRecorder | None = None
         self.blacklist: BlacklistCache | None = None
-        self.capacity = CapacitySignal()
+        self.capacity = CapacitySignal(on_unclaimed=self._slot_unclaimed)
         self._subscriptions: list[Subscription] = []
         self.intake: Intake | None = None
         self._watches: dict[tuple[str, int], Watch] = {}
@@ -386,6 +386,11 @@ class Orchestrator:
             return
         self.registry.note_free(notice.worker_id, notice.free_slots, notice.free_seq)
         self._hand_over_free_slots(notice.worker_id)
+
+    def _slot_unclaimed(self, worker_id: str) -> None:
+        """A slot handed to a task that was cancelled before using it: free again."""
+        self.registry.note_free(worker_id, self.registry.free(worker_id) + 1)
+        self._hand_over_free_slots(worker_id)
 
     def _hand_over_free_slots(self, worker_id: str) -> None:
         """Give the worker's free slots to waiting tasks, oldest first, before any
