@@ -350,7 +350,7 @@ async def _count_for_workers(conn: asyncpg.Connection, updates: Sequence[TaskUpd
     done: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     for u in updates:
-        if u.worker_id and u.state in ("done", "failed"):
+        if u.worker_id and u.state in _FINAL_TASK_STATES:
             (done if u.state == "done" else failed)[u.worker_id] += 1
     if done or failed:
         await conn.executemany(

@@ -76,12 +76,8 @@ class Registry:
         )
 
     def _free_fitting(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
-        now = time.monotonic()
         for worker_id in self._free:
-            known = self._workers.get(worker_id)
-            if known is None or worker_id in blacklisted or now - known[1] > LIVE_FOR_S:
-                continue
-            if unfit_reason(known[0], call) is None:
+            if worker_id not in blacklisted and self.fits(worker_id, call):
                 return worker_id
         return None
 

@@ -381,14 +381,10 @@ class Worker:
             self._log.exception("task ended badly", job_id=assignment.job_id)
         finally:
             self._running.pop((assignment.job_id, assignment.index), None)
-            if running.generating:  # it ended before its image
-                await self._image_made(running)
-
-    async def _image_made(self, running: RunningTask) -> None:
-        """Free the task's slot and say so: its image will never be made."""
-        self._free_slot(running)
-        with contextlib.suppress(Exception):
-            await self._announce_capacity()
+            if running.generating:  # it ended before its image: the slot is free now
+                self._free_slot(running)
+                with contextlib.suppress(Exception):
+                    await self._announce_capacity()
 
     def _free_slot(self, running: RunningTask) -> None:
         """The image is rendered (or never will be): the next may start while this one
