@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats
@@ -23,6 +24,18 @@ class Collected:
     @property
     def subjects(self) -> list[str]:
         return [m.subject for m in self.messages]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition` holds within `timeout`. For counters a process bumps just
+    after the requester already holds its result (the worker counts a task once it has
+    also stored the image and heard the requester's confirmation)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def raw_client(url: str) -> Client:

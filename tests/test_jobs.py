@@ -22,7 +22,7 @@ from imagebus.worker import Worker
 from imagebus.worker import service as worker_service
 
 from .conftest import Stack
-from .helpers import SETTLE_S, collect, raw_client, run_cli
+from .helpers import SETTLE_S, collect, eventually, raw_client, run_cli
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -91,11 +91,8 @@ async def test_a_cuda_request_is_never_given_to_a_cpu_worker(stack: Stack) -> No
         assert len(await client.generate("y", device="cpu", width=64, height=64, steps=2)) == 1
     assert {f.code for f in failed.value.failures} == {"no_fitting_worker"}
     assert "device 'cuda'" in (failed.value.failures[0].error or "")
-    for _ in range(40):  # the worker counts a task once it has also stored the image
-        if sum(w.tasks_done for w in cpu_workers) == 1:
-            break
-        await asyncio.sleep(0.05)
-    assert sum(w.tasks_done for w in cpu_workers) == 1  # only the CPU request ran
+    # Only the CPU request ran.
+    assert await eventually(lambda: sum(w.tasks_done for w in cpu_workers) == 1)
 
 
 async def test_recruitment_itself_refuses_unfit_workers(stack: Stack) -> None:
