@@ -72,9 +72,6 @@ class OrchestratorSettings:
     recruit_timeout_s: float = field(
         default_factory=lambda: env_float("IMAGEBUS_RECRUIT_TIMEOUT", 1.0)
     )
-    assign_timeout_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_ASSIGN_TIMEOUT", 2.0)
-    )
     # How long a task may wait for a free slot while every worker is busy.
     queue_timeout_s: float = field(
         default_factory=lambda: env_float("IMAGEBUS_QUEUE_TIMEOUT", 600.0)

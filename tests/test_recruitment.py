@@ -6,11 +6,14 @@ import asyncio
 
 import asyncpg
 import pytest
+from nats.aio.msg import Msg
 
+from imagebus.protocol import AssignmentRefused, WorkerAdvert, encode
+from imagebus.protocol import subjects as s
 from imagebus.requester import GenerationFailed, ImageBusClient
 
 from .conftest import Stack
-from .helpers import SETTLE_S
+from .helpers import SETTLE_S, eventually, raw_client
 
 
 async def _task_rows(database_url: str) -> list[asyncpg.Record]:
@@ -112,3 +115,60 @@ async def test_no_worker_at_all_fails_clearly(stack: Stack) -> None:
         with pytest.raises(GenerationFailed) as failed:
             await client.generate("alone", width=64, height=64, steps=2, timeout=30)
     assert "3 no worker connected" in (failed.value.failures[0].error or "")
+
+
+@pytest.mark.parametrize("fake", ["refuses", "garbles", "is gone"])
+async def test_an_assignment_not_taken_goes_to_another_worker_at_once(
+    stack: Stack, fake: str
+) -> None:
+    """A worker takes an assignment silently. One it will not run it refuses on the
+    assignment's reply subject (a garbled answer counts as a refusal), and if no one
+    listens on the worker's subject the server answers there itself (503). Either
+    way the image goes to another worker at once: with a 120 s heartbeat timeout,
+    a lost assignment would outlast the 30 s this test waits."""
+    orchestrator = await stack.start_orchestrator(heartbeat_timeout_s=120.0)
+    nc = await raw_client(stack.nats_url)
+    recruiting = asyncio.Event()  # the orchestrator asks around: the fake is done with
+
+    async def on_assign(msg: Msg) -> None:
+        refusal = AssignmentRefused("fake-worker", "no free slot", 0, 2**62)
+        await nc.publish(msg.reply, encode(refusal) if fake == "refuses" else b"\xc1garbage")
+
+    async def on_recruit(_msg: Msg) -> None:
+        recruiting.set()
+
+    try:
+        if fake != "is gone":
+            await nc.subscribe(s.worker_assign_subject("fake-worker"), cb=on_assign)
+        asked = await nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=on_recruit)
+        advert = WorkerAdvert("fake-worker", ["tiny"], "cpu", 1, 1, 2048 * 2048, "idle")
+        await nc.publish(s.WORKER_ADVERT_SUBJECT, encode(advert))
+        # The only worker the orchestrator knows, with a free slot: assigned directly.
+        assert await eventually(lambda: orchestrator.registry.free("fake-worker") == 1)
+        async with ImageBusClient(stack.nats_url) as client:
+            job = await client.submit("not here", width=64, height=64, steps=2)
+            await asyncio.wait_for(recruiting.wait(), 30)
+            await asked.unsubscribe()
+            await stack.start_worker("real-worker")
+            (image,) = await job.wait(30)
+    finally:
+        await nc.close()
+    assert image.worker_id == "real-worker"
+    assert await orchestrator.settle(SETTLE_S)
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        attempts = await conn.fetch(
+            "SELECT attempt, worker_id, outcome, error FROM task_attempts ORDER BY attempt"
+        )
+    finally:
+        await conn.close()
+    expected_error = {
+        "refuses": "no free slot",
+        "garbles": "malformed refusal",
+        "is gone": "worker not connected",
+    }[fake]
+    assert [(a["attempt"], a["worker_id"], a["outcome"]) for a in attempts] == [
+        (1, "fake-worker", "refused"),
+        (2, "real-worker", "done"),
+    ], attempts
+    assert expected_error in attempts[0]["error"]

@@ -42,7 +42,7 @@ from ..db.store import TRANSIENT_ERRORS, fetch_job_status
 from ..logs import get_logger
 from ..looplag import LoopLag
 from ..protocol import (
-    AssignmentAck,
+    AssignmentRefused,
     CapacityNotice,
     Dialect,
     ErrorCode,
@@ -56,7 +56,6 @@ from ..protocol import (
     RecruitCall,
     RequestError,
     ReservationRelease,
-    TaskAssigned,
     TaskAssignment,
     TaskHeartbeat,
     TaskReport,
@@ -101,17 +100,19 @@ class Outcome(StrEnum):
     DONE = "done"
     FAILED = "failed"  # the worker reported an error (already sent to the requester)
     CANCELLED = "cancelled"
-    REFUSED = "refused"  # the worker did not acknowledge the assignment
+    REFUSED = "refused"  # the worker refused it, or no worker listened on its subject
     LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
     TIMEOUT = "timeout"  # it overran the task timeout
 
 
 @dataclass
 class Watch:
-    """An assigned task being watched: its worker's heartbeats and final report."""
+    """An assigned task being watched: its worker's heartbeats and final report (or
+    its refusal of the assignment)."""
 
     worker_id: str
-    report: asyncio.Future[TaskReport]
+    attempt: int  # which assignment of the task this is: a refusal names it
+    report: asyncio.Future[TaskReport | AssignmentRefused]
     last_heartbeat: float = field(default_factory=time.monotonic)
     step: int = 0
 
@@ -161,6 +162,7 @@ class Orchestrator:
         self._subscriptions = [
             await self.nc.subscribe(s.report_subject(self.id), cb=self._on_report),
             await self.nc.subscribe(s.heartbeat_subject(self.id), cb=self._on_heartbeat),
+            await self.nc.subscribe(s.refusals_subscription(self.id), cb=self._on_refusal),
             await self.nc.subscribe(s.CAPACITY_SUBJECT, cb=self._on_capacity),
             await self.nc.subscribe(s.CANCEL_SUBJECT, cb=self._on_cancel),
             await self.nc.subscribe(
@@ -254,6 +256,27 @@ class Orchestrator:
             )
             return
         watch.report.set_result(report)
+
+    async def _on_refusal(self, msg: Msg) -> None:
+        """A worker refused an assignment, or the server says no one listens on the
+        worker's assignment subject (status 503: the worker is gone)."""
+        named = s.assignment_of_refusal(msg.subject)
+        watch = self._watches.get(named[:2]) if named else None
+        if named is None or watch is None or watch.attempt != named[2] or watch.report.done():
+            return  # about an assignment no longer waited for
+        if (msg.headers or {}).get(s.HEADER_STATUS) == s.STATUS_NO_RESPONDERS:
+            refusal = AssignmentRefused(watch.worker_id, "worker not connected", 0)
+            self.registry.note_free(watch.worker_id, 0)
+        else:
+            try:
+                refusal = decode(AssignmentRefused, msg.data)
+            except ProtocolError as exc:
+                refusal = AssignmentRefused(watch.worker_id, f"malformed refusal: {exc}", 0)
+                self.registry.note_free(watch.worker_id, 0)
+            else:
+                self.registry.note_free(watch.worker_id, refusal.free_slots, refusal.free_seq)
+                self._hand_over_free_slots(watch.worker_id)
+        watch.report.set_result(refusal)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
@@ -503,6 +526,7 @@ class Orchestrator:
         deadline = time.monotonic() + queue_timeout
         asks = 0
         lost = 0  # assignments whose worker died or overran
+        assignments = 0  # refused ones included: each is an attempt on record
         heard_lately = True  # whether the free-slot view can be trusted to say "all busy"
         handed: str | None = None  # a slot handed to this task while it waited
         was_in_line = False  # it waited already: if it must wait again, it goes first
@@ -515,7 +539,8 @@ class Orchestrator:
             asks += round_.asks
             offer = round_.offer
             if offer is not None:
-                outcome = await self._attempt(job, index, offer, asks, attempt=lost + 1)
+                assignments += 1
+                outcome = await self._attempt(job, index, offer, asks, attempt=assignments)
                 if outcome in (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED):
                     job.answered.add(index)
                     return
@@ -622,8 +647,11 @@ class Orchestrator:
     ) -> Outcome:
         """Assign the task to `offer`'s worker and watch it until it ends.
 
-        The worker must ack the assignment, then send a heartbeat at least every
-        `heartbeat_timeout_s` until its report arrives, within `task_timeout_s`.
+        A worker that takes it says nothing (its consent is silent, which saves a
+        message and a round trip per image); one that does not answers on the
+        assignment's reply subject, as does the server if no worker listens there.
+        Taken, it must send a heartbeat at least every `heartbeat_timeout_s` until
+        its report arrives, within `task_timeout_s`.
         """
         assert self.nc is not None
         key = (job.job_id, index)
@@ -638,54 +666,46 @@ class Orchestrator:
             report_subject=s.report_subject(self.id),
             heartbeat_subject=s.heartbeat_subject(self.id),
         )
-        watch = Watch(offer.worker_id, asyncio.get_running_loop().create_future())
+        watch = Watch(offer.worker_id, attempt, asyncio.get_running_loop().create_future())
         self._watches[key] = watch  # before assigning: a fast worker may report at once
         log = self._log.bind(job_id=job.job_id, index=index, worker_id=offer.worker_id)
+        started_at = datetime.now(UTC)
         try:
-            reply = await self.nc.request(
+            await self.nc.publish(
                 s.worker_assign_subject(offer.worker_id),
                 encode(assignment),
-                timeout=self.settings.assign_timeout_s,
+                reply=s.refusal_subject(self.id, job.job_id, index, attempt),
             )
-            ack = decode(AssignmentAck, reply.data)
-        except (*_BUS_TIMEOUTS, NoRespondersError, ProtocolError) as exc:
-            self._watches.pop(key, None)
-            self.registry.note_free(offer.worker_id, 0)
-            log.warning("assignment not acknowledged; recruiting again", error=repr(exc))
-            return Outcome.REFUSED
-        if ack.free_slots is not None:
-            self.registry.note_free(offer.worker_id, ack.free_slots, ack.free_seq)
-            self._hand_over_free_slots(offer.worker_id)
-        if not ack.accepted:
-            self._watches.pop(key, None)
-            # A direct assignment on a stale view is refused now and then: not news.
-            log.log(
-                logging.INFO if offer.reservation_id is None else logging.WARNING,
-                "assignment refused; recruiting again",
-                reason=ack.reason,
+            log.info("task assigned", attempts=asks, attempt=attempt)
+            self._record(
+                TaskUpdate(
+                    job.job_id,
+                    index,
+                    "running",
+                    worker_id=offer.worker_id,
+                    recruit_attempts=asks,
+                    assigned_at=started_at,
+                )
             )
-            return Outcome.REFUSED
-
-        started_at = datetime.now(UTC)
-        log.info("task assigned", attempts=asks, attempt=attempt)
-        assigned_event = TaskAssigned(job.job_id, index, offer.worker_id)
-        await self._send(events.assigned(job.dialect, job.inbox, assigned_event))
-        self._record(
-            TaskUpdate(
-                job.job_id,
-                index,
-                "running",
-                worker_id=offer.worker_id,
-                recruit_attempts=asks,
-                assigned_at=started_at,
-            )
-        )
-        try:
             outcome, report = await self._watch(
                 watch, job.request.task_timeout_s or self.settings.task_timeout_s
             )
         finally:
             self._watches.pop(key, None)
+        if isinstance(report, AssignmentRefused):
+            # A direct assignment on a stale view is refused now and then: not news.
+            log.log(
+                logging.INFO if offer.reservation_id is None else logging.WARNING,
+                "assignment refused; recruiting again",
+                reason=report.reason,
+            )
+            self._record(
+                AttemptRecord(
+                    job.job_id, index, attempt, offer.worker_id, outcome.value, started_at,
+                    datetime.now(UTC), report.reason,
+                )
+            )  # fmt: skip
+            return outcome
         error = report.error if report else f"worker {outcome.value}"
         self._record(
             AttemptRecord(
@@ -713,7 +733,9 @@ class Orchestrator:
         )
         return outcome
 
-    async def _watch(self, watch: Watch, task_timeout: float) -> tuple[Outcome, TaskReport | None]:
+    async def _watch(
+        self, watch: Watch, task_timeout: float
+    ) -> tuple[Outcome, TaskReport | AssignmentRefused | None]:
         deadline = time.monotonic() + task_timeout
         while True:
             check_in = min(
@@ -729,6 +751,8 @@ class Orchestrator:
                 if now - watch.last_heartbeat > self.settings.heartbeat_timeout_s:
                     return Outcome.LOST, None
                 continue
+            if isinstance(report, AssignmentRefused):
+                return Outcome.REFUSED, report
             if report.code == ErrorCode.CANCELLED:
                 return Outcome.CANCELLED, report
             return (Outcome.DONE if report.ok else Outcome.FAILED), report

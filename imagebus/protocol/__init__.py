@@ -6,7 +6,7 @@ This package is the only place that knows how imagebus talks on NATS.
 from . import events, results, subjects
 from .codec import ProtocolError, decode, encode, from_dict
 from .messages import (
-    AssignmentAck,
+    AssignmentRefused,
     CapacityNotice,
     Dialect,
     ErrorCode,
@@ -52,7 +52,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_WIDTH",
     "PRESETS",
-    "AssignmentAck",
+    "AssignmentRefused",
     "CapacityNotice",
     "Dialect",
     "ErrorCode",

@@ -4,8 +4,9 @@ Flow of one image (a *task*; a *job* is one request of n images):
 
     requester --img-gen--> orchestrator            (GenerateRequest, msgpack or JSON)
     orchestrator --request-worker--> a worker      (RecruitCall -> WorkerOffer)
-    orchestrator --worker.<id>.assign--> worker    (TaskAssignment -> AssignmentAck)
-    worker --> requester inbox                     (TaskProgress..., TaskResult)
+    orchestrator --worker.<id>.assign--> worker    (TaskAssignment; AssignmentRefused
+                                                    back only if the worker refuses)
+    worker --> requester inbox                     (TaskAssigned, TaskProgress..., TaskResult)
     worker --orchestrator.<id>.report-->           (TaskReport, no image bytes)
 """
 
@@ -139,12 +140,15 @@ class TaskAssignment:
 
 
 @dataclass(frozen=True, slots=True)
-class AssignmentAck:
-    accepted: bool
+class AssignmentRefused:
+    """A worker's answer to an assignment it will not run. An assignment it takes gets
+    no answer (its consent is silent; its heartbeats and report follow), which saves
+    a message and a round trip per image."""
+
     worker_id: str
-    reason: str | None = None
-    free_slots: int | None = None  # after this answer, so the orchestrator's view stays exact
-    # Orders the worker's reports of its free slots (acks, notices, adverts): they
+    reason: str
+    free_slots: int  # after this answer, so the orchestrator's view stays exact
+    # Orders the worker's reports of its free slots (refusals, notices, adverts): they
     # travel on different subjects and may be handled out of order.
     free_seq: int = 0
 
@@ -198,7 +202,7 @@ class WorkerAdvert:
     max_batch: int = 1
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
     loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
-    free_seq: int = 0  # see AssignmentAck.free_seq
+    free_seq: int = 0  # see AssignmentRefused.free_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +253,7 @@ class JobCancel:
 class CapacityNotice:
     worker_id: str
     free_slots: int
-    free_seq: int = 0  # see AssignmentAck.free_seq
+    free_seq: int = 0  # see AssignmentRefused.free_seq
 
 
 # --- events for native requesters ------------------------------------------------

@@ -51,6 +51,10 @@ CANCEL_SUBJECT = "imagebus.cancel"
 # Workers announce here whenever a slot frees, so saturated recruitments wake up.
 CAPACITY_SUBJECT = "imagebus.capacity"
 
+# The server's own answer on a reply subject when no one listens on the request's.
+HEADER_STATUS = "Status"
+STATUS_NO_RESPONDERS = "503"
+
 HEADER_CONTENT_TYPE = "Content-Type"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 HEADER_JOB_ID = "Imagebus-Job"
@@ -111,6 +115,24 @@ def report_subject(orchestrator_id: str) -> str:
 
 def heartbeat_subject(orchestrator_id: str) -> str:
     return f"imagebus.orchestrator.{orchestrator_id}.heartbeat"
+
+
+def refusal_subject(orchestrator_id: str, job_id: str, index: int, attempt: int) -> str:
+    """Where a worker refuses one assignment (its reply subject). The server answers
+    there too, with status 503, if no worker listens on the assignment's subject."""
+    return f"imagebus.orchestrator.{orchestrator_id}.refused.{job_id}.{index}.{attempt}"
+
+
+def refusals_subscription(orchestrator_id: str) -> str:
+    return f"imagebus.orchestrator.{orchestrator_id}.refused.>"
+
+
+def assignment_of_refusal(subject: str) -> tuple[str, int, int] | None:
+    """(job id, index, attempt) named by a refusal subject; None if it names none."""
+    parts = subject.split(".")
+    if len(parts) != 7 or not (parts[5].isdigit() and parts[6].isdigit()):
+        return None
+    return parts[4], int(parts[5]), int(parts[6])
 
 
 def results_subject(job_id: str, index: int | None = None) -> str:

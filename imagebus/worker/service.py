@@ -28,7 +28,7 @@ from ..connections import connect
 from ..logs import get_logger
 from ..looplag import LoopLag
 from ..protocol import (
-    AssignmentAck,
+    AssignmentRefused,
     CapacityNotice,
     Dialect,
     ErrorCode,
@@ -37,6 +37,7 @@ from ..protocol import (
     ProtocolError,
     RecruitCall,
     ReservationRelease,
+    TaskAssigned,
     TaskAssignment,
     TaskHeartbeat,
     TaskProgress,
@@ -102,7 +103,7 @@ class Worker:
         self.failures = 0
         self.peak_generating = 0  # the most images made at once: never above `slots`
         self._generating = 0  # tasks holding a slot: their image is not made yet
-        # Numbers each report of free slots (see AssignmentAck). It starts from the wall
+        # Numbers each report of free slots (see AssignmentRefused). It starts from the wall
         # clock in microseconds, so a restarted worker's reports outrank its last life's.
         self._free_seq = time.time_ns() // 1000
         self._seconds_total = 0.0
@@ -329,11 +330,14 @@ class Worker:
             await self._announce_capacity()
 
     async def _on_assign(self, msg: Msg) -> None:
+        """Take an assignment, or refuse it on its reply subject. One taken gets no
+        answer: the requester hears "assigned" from here, the orchestrator hears the
+        task's heartbeats and its report."""
         try:
             assignment = decode(TaskAssignment, msg.data)
         except ProtocolError as exc:
             self._log.warning("malformed assignment refused", error=str(exc))
-            await self._reply(msg, encode(AssignmentAck(False, self.id, f"malformed: {exc}")))
+            await self._refuse(msg, f"malformed: {exc}")
             return
         log = self._log.bind(job_id=assignment.job_id, index=assignment.index)
         key = (assignment.job_id, assignment.index)
@@ -349,26 +353,22 @@ class Worker:
         if reason is not None or not s.is_valid_inbox(assignment.reply_inbox):
             reason = reason or "invalid reply inbox"
             log.info("assignment refused", reason=reason)
-            free = max(self.free_slots, 0)
-            ack = AssignmentAck(False, self.id, reason, free, self._next_free_seq())
-            await self._reply(msg, encode(ack))
+            await self._refuse(msg, reason)
             return
         running = self._running[key] = RunningTask(assignment)
         self._generating += 1
         self.peak_generating = max(self.peak_generating, self._generating)
-        # Queued before the ack goes out: the model's thread is waking while it travels.
+        # Queued before "assigned" goes out: the model's thread wakes while it travels.
         # The run (which frees the slot whatever happens) exists before anything can fail.
         run = asyncio.create_task(self._run(running, self._queue_image(running)))
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
-        free = max(self.free_slots, 0)
-        ack = AssignmentAck(True, self.id, free_slots=free, free_seq=self._next_free_seq())
-        try:
-            await self._reply(msg, encode(ack))
-        except Exception:
-            # The orchestrator will not hear of it and gives the image to another worker.
-            running.cancelled = running.reassigned = True
-            raise
+        assigned = TaskAssigned(assignment.job_id, assignment.index, self.id)
+        await self._send(events.assigned(_dialect_of(assignment), assignment.reply_inbox, assigned))
+
+    async def _refuse(self, msg: Msg, reason: str) -> None:
+        refusal = AssignmentRefused(self.id, reason, max(self.free_slots, 0), self._next_free_seq())
+        await self._reply(msg, encode(refusal))
 
     # --- running one task ------------------------------------------------------------
 
