@@ -364,24 +364,28 @@ async def _count_for_workers(conn: asyncpg.Connection, updates: Sequence[TaskUpd
 
 async def _settle_jobs(conn: asyncpg.Connection, job_ids: Sequence[str]) -> None:
     """A job is finished once none of its tasks is still open, running once one is
-    assigned. (New jobs were inserted so: this only reads their tasks.)"""
-    await conn.execute(
-        "UPDATE jobs SET state = CASE WHEN agg.failed = 0 THEN 'done'"
+    assigned. (New jobs were inserted so: this only reads their tasks.)
+
+    One statement per job, each on the primary keys. Statements over all the
+    batch's jobs at once (`job_id = ANY($1)`, a GROUP BY) were planned as scans of
+    whole tables whenever the statistics were missing or stale (a new database, a
+    busy minute): every batch cost more than the one before (`python -m
+    bench.records`: 0.110 -> 0.215 CPU ms per job from the first to the last third).
+    """
+    await conn.executemany(
+        "UPDATE jobs SET state = CASE WHEN agg.open > 0 THEN 'running'"
+        "   WHEN agg.failed = 0 THEN 'done'"
         "   WHEN agg.cancelled = agg.total THEN 'cancelled'"
         "   WHEN agg.failed = agg.total THEN 'failed' ELSE 'partial' END,"
-        " finished_at = now()"
-        " FROM (SELECT job_id, count(*) AS total,"
+        " finished_at = CASE WHEN agg.open = 0 THEN now() END"
+        " FROM (SELECT count(*) AS total,"
         "        count(*) FILTER (WHERE state = 'failed') AS failed,"
         "        count(*) FILTER (WHERE error_code = 'cancelled') AS cancelled,"
         "        count(*) FILTER (WHERE state NOT IN ('done', 'failed')) AS open"
-        "       FROM tasks WHERE job_id = ANY($1::text[]) GROUP BY job_id) AS agg"
-        " WHERE jobs.job_id = agg.job_id AND agg.open = 0 AND jobs.finished_at IS NULL",
-        job_ids,
-    )
-    await conn.execute(
-        "UPDATE jobs SET state = 'running' WHERE job_id = ANY($1::text[])"
-        " AND state = 'queued' AND finished_at IS NULL",
-        job_ids,
+        "       FROM tasks WHERE job_id = $1) AS agg"
+        " WHERE jobs.job_id = $1 AND agg.total > 0 AND jobs.finished_at IS NULL"
+        " AND (agg.open = 0 OR jobs.state = 'queued')",
+        [(job_id,) for job_id in job_ids],
     )
 
 
