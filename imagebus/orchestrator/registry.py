@@ -1,7 +1,7 @@
 """The orchestrator's live view of the worker pool.
 
 Fed by workers' advertisements (what they hold and can run), capacity notices
-(a slot freed) and assignment acks (slots left). The free-slot counts are hints:
+(a slot freed) and refused assignments (slots left). The free-slot counts are hints:
 they let the orchestrator assign a task straight to a worker it knows has room,
 with no recruitment round trip, and let tasks wait quietly while every fitting
 worker is known busy instead of asking around. The worker stays the authority:
@@ -36,7 +36,7 @@ class Registry:
         self.note_free(advert.worker_id, advert.free_slots, advert.free_seq)
 
     def note_free(self, worker_id: str, free_slots: int, seq: int | None = None) -> None:
-        """Record a worker's free slots. `seq` numbers the worker's own reports (acks,
+        """Record a worker's free slots. `seq` numbers the worker's own reports (refusals,
         notices and adverts reach here by different paths, so out of order): an older
         one than already seen is ignored. Without it, this is the orchestrator's own
         bookkeeping (a slot it took, a refusal)."""

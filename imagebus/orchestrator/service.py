@@ -596,8 +596,8 @@ class Orchestrator:
         self, call: RecruitCall, *, trust_view: bool, handed: str | None = None
     ) -> RecruitRound:
         """The fast path first: a slot handed to the task while it waited, or a worker
-        the pool view says has a free slot, is assigned directly (its ack is its
-        consent). If the view says every fitting worker is busy, wait rather than ask
+        the pool view says has a free slot, is assigned directly (it refuses if it
+        has no room after all). If the view says every fitting worker is busy, wait rather than ask
         around; otherwise recruit."""
         blacklisted = self._blacklist_ids()
         worker_id = handed or self.registry.claim(call, blacklisted)
@@ -846,7 +846,8 @@ def _job_row(job: Job, orchestrator_id: str) -> JobRow:
 
 
 def _direct_offer(worker_id: str) -> WorkerOffer:
-    """Stands for the offer a worker would make: no reservation, its ack decides."""
+    """Stands for the offer a worker would make: no reservation; the worker takes the
+    assignment, or refuses it."""
     return WorkerOffer(worker_id=worker_id, willing=True, slots=0, free_slots=0, device="")
 
 
