@@ -183,14 +183,13 @@ class Database:
     # --- job records (written behind by JobRecorder) -------------------------------
 
     async def write(self, records: Sequence[Record]) -> None:
-        """Write a batch in one transaction, in a handful of statements whatever its size.
+        """Write a batch in one transaction, one pipelined statement per kind of record.
 
         Records are grouped by kind: jobs first (a job's row always comes before its
         tasks' updates), then each task's updates merged in order into one, then the
-        attempts. A task whose job is new in this batch (most of them: a job takes
-        milliseconds, a batch gathers for 50) is inserted as it ends up, and its job
-        with its state, instead of being inserted and then updated. The result is the
-        same as applying the records one by one.
+        attempts. A task whose job is new in this batch is inserted as it ends up, and
+        its job with its state, instead of being inserted and then updated. The
+        result is the same as applying the records one by one.
         """
         jobs = [r for r in records if isinstance(r, JobRow)]
         task_updates = [r for r in records if isinstance(r, TaskUpdate)]
