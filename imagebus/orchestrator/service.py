@@ -596,9 +596,9 @@ class Orchestrator:
         self, call: RecruitCall, *, trust_view: bool, handed: str | None = None
     ) -> RecruitRound:
         """The fast path first: a slot handed to the task while it waited, or a worker
-        the pool view says has a free slot, is assigned directly (it refuses if it
-        has no room after all). If the view says every fitting worker is busy, wait rather than ask
-        around; otherwise recruit."""
+        the pool view says has a free slot, is assigned directly (it refuses if it has
+        no room after all). If the view says every fitting worker is busy, wait rather
+        than ask around; otherwise recruit."""
         blacklisted = self._blacklist_ids()
         worker_id = handed or self.registry.claim(call, blacklisted)
         if worker_id is not None:

@@ -556,7 +556,7 @@ class Worker:
         copy = self._unanswered_copies.get(token)
         if copy is None:
             return  # already refused, or given up on
-        status = (msg.headers or {}).get("Status")
+        status = (msg.headers or {}).get(s.HEADER_STATUS)
         if status is None and b'"error"' not in msg.data:
             copy.chunks_left -= 1
             if copy.chunks_left <= 0:
@@ -565,7 +565,7 @@ class Worker:
         del self._unanswered_copies[token]
         reason = (
             "no results stream on this bus"
-            if status == "503"
+            if status == s.STATUS_NO_RESPONDERS
             else msg.data[:300].decode(errors="replace")
         )
         self._copy_not_kept(token, reason)
