@@ -286,12 +286,7 @@ async def _insert_jobs(
             if u is None:
                 untouched.append((j.job_id, i, seed))
             else:
-                touched.append(
-                    (
-                        j.job_id, i, seed, u.state, u.worker_id, u.recruit_attempts,
-                        u.assigned_at, u.finished_at, u.seconds, u.error, u.error_code,
-                    )
-                )  # fmt: skip
+                touched.append((*_task_changes(u), seed))
     if untouched:
         await conn.executemany(
             "INSERT INTO tasks (job_id, task_index, seed) VALUES ($1, $2, $3)"
@@ -299,48 +294,40 @@ async def _insert_jobs(
             untouched,
         )
     if touched:
+        # A task already there (its job served again) is updated as _update_tasks would.
         await conn.executemany(
-            "INSERT INTO tasks (job_id, task_index, seed, state, worker_id,"
-            " recruit_attempts, assigned_at, finished_at, seconds, error, error_code)"
-            " VALUES ($1, $2, $3, $4, $5, COALESCE($6, 0), $7, $8, $9, $10, $11)"
-            " ON CONFLICT (job_id, task_index) DO UPDATE SET state = $4,"
-            " worker_id = COALESCE($5, tasks.worker_id),"
-            " recruit_attempts = COALESCE($6, tasks.recruit_attempts),"
-            " assigned_at = COALESCE($7, tasks.assigned_at),"
-            " finished_at = COALESCE($8, tasks.finished_at),"
-            " seconds = COALESCE($9, tasks.seconds),"
-            " error = COALESCE($10, tasks.error),"
-            " error_code = COALESCE($11, tasks.error_code)",
+            "INSERT INTO tasks (job_id, task_index, state, worker_id, recruit_attempts,"
+            " assigned_at, finished_at, seconds, error, error_code, seed)"
+            " VALUES ($1, $2, $3, $4, COALESCE($5, 0), $6, $7, $8, $9, $10, $11)"
+            f" ON CONFLICT (job_id, task_index) DO UPDATE SET {_TASK_CHANGES}",
             touched,
         )
 
 
+# What a TaskUpdate changes, from _task_changes' $1..$10: each field only if given.
+_TASK_CHANGES = (
+    "state = $3,"
+    " worker_id = COALESCE($4, tasks.worker_id),"
+    " recruit_attempts = COALESCE($5, tasks.recruit_attempts),"
+    " assigned_at = COALESCE($6, tasks.assigned_at),"
+    " finished_at = COALESCE($7, tasks.finished_at),"
+    " seconds = COALESCE($8, tasks.seconds),"
+    " error = COALESCE($9, tasks.error),"
+    " error_code = COALESCE($10, tasks.error_code)"
+)
+
+
+def _task_changes(u: TaskUpdate) -> tuple[Any, ...]:
+    return (
+        u.job_id, u.index, u.state, u.worker_id, u.recruit_attempts, u.assigned_at,
+        u.finished_at, u.seconds, u.error, u.error_code,
+    )  # fmt: skip
+
+
 async def _update_tasks(conn: asyncpg.Connection, updates: Sequence[TaskUpdate]) -> None:
     await conn.executemany(
-        "UPDATE tasks SET state = $3,"
-        " worker_id = COALESCE($4, worker_id),"
-        " recruit_attempts = COALESCE($5, recruit_attempts),"
-        " assigned_at = COALESCE($6, assigned_at),"
-        " finished_at = COALESCE($7, finished_at),"
-        " seconds = COALESCE($8, seconds),"
-        " error = COALESCE($9, error),"
-        " error_code = COALESCE($10, error_code)"
-        " WHERE job_id = $1 AND task_index = $2",
-        [
-            (
-                u.job_id,
-                u.index,
-                u.state,
-                u.worker_id,
-                u.recruit_attempts,
-                u.assigned_at,
-                u.finished_at,
-                u.seconds,
-                u.error,
-                u.error_code,
-            )
-            for u in updates
-        ],
+        f"UPDATE tasks SET {_TASK_CHANGES} WHERE job_id = $1 AND task_index = $2",
+        [_task_changes(u) for u in updates],
     )
 
 
