@@ -8,6 +8,7 @@ import json
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js.api import StreamConfig
@@ -157,14 +158,12 @@ async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_d
             async with ImageBusClient(stack.nats_url) as client:
                 job = await client.submit("not kept", width=64, height=64, steps=2)
                 (image,) = await job.wait(60)
-                for _ in range(100):  # the stream's answer, or its absence, follows the image
-                    if any(e["event"] == "result not kept in the results stream" for e in logs):
-                        break
-                    await asyncio.sleep(0.05)
+                # The stream's answer, or its absence, follows the image.
+                await eventually(lambda: bool(_not_kept(logs)), timeout=5.0)
     finally:
         await nc.close()
     assert _png_size(image.png) == (64, 64)
-    (refused,) = [e for e in logs if e["event"] == "result not kept in the results stream"]
+    (refused,) = _not_kept(logs)
     assert (refused["job_id"], refused["index"]) == (job.job_id, "0")
     if stream == "missing":
         assert refused["reason"] == "no results stream on this bus"
@@ -172,6 +171,10 @@ async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_d
         assert refused["reason"] == "no answer from JetStream in 0.2s"
     else:
         assert "maximum" in refused["reason"], refused
+
+
+def _not_kept(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "result not kept in the results stream"]
 
 
 async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: Stack) -> None:

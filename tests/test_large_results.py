@@ -11,7 +11,7 @@ from imagebus.requester import ImageBusClient, ImageBusError
 from imagebus.worker.engine import DiffusionEngine
 
 from .conftest import Stack
-from .helpers import collect, raw_client
+from .helpers import collect, eventually, raw_client
 
 
 async def test_a_1024_png_above_max_payload_arrives_byte_exact(
@@ -27,11 +27,7 @@ async def test_a_1024_png_above_max_payload_arrives_byte_exact(
         # Its copy in the results stream is whole too (kept as several chunks)...
         kept = await _fetch_when_kept(client, job.job_id)
     # ...and the worker heard JetStream's answer for every chunk of it.
-    for _ in range(100):
-        if not worker._unanswered_copies:
-            break
-        await asyncio.sleep(0.05)
-    assert worker._unanswered_copies == {}
+    assert await eventually(lambda: worker._unanswered_copies == {}, timeout=5.0)
     params = ImageParams("big", 1024, 1024, 2, 7.5)
     expected = await asyncio.to_thread(tiny_engine.generate, params, 99)
     assert len(image.png) > max_payload  # really above the 1 MiB limit

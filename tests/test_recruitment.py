@@ -128,7 +128,7 @@ async def test_an_assignment_not_taken_goes_to_another_worker_at_once(
     a lost assignment would outlast the 30 s this test waits."""
     orchestrator = await stack.start_orchestrator(heartbeat_timeout_s=120.0)
     nc = await raw_client(stack.nats_url)
-    recruiting = asyncio.Event()  # the orchestrator asks around: the fake is done with
+    recruiting = asyncio.Event()  # the orchestrator asks around: it is done with the fake
 
     async def on_assign(msg: Msg) -> None:
         refusal = AssignmentRefused("fake-worker", "no free slot", 0, 2**62)
