@@ -59,10 +59,7 @@ async def test_one_prompt_per_replica(stack: Stack) -> None:
 async def _warm(stack: Stack, workers: int) -> None:
     """Wait until the orchestrator's registry has heard every worker and is warm."""
     orchestrator = stack.orchestrators[0]
-    for _ in range(100):
-        if len(orchestrator.registry.live()) >= workers:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(orchestrator.registry.live()) >= workers, timeout=5.0)
     await asyncio.sleep(orchestrator.settings.registry_warm_s)
 
 

@@ -101,10 +101,8 @@ async def test_blacklisting_takes_effect_while_running(stack: Stack) -> None:
             await conn.execute("INSERT INTO blacklist (worker_id) VALUES ('soon-distrusted')")
         finally:
             await conn.close()
-        for _ in range(50):  # LISTEN/NOTIFY delivers it in milliseconds
-            if "soon-distrusted" in orchestrator.blacklist:
-                break
-            await asyncio.sleep(0.02)
+        # LISTEN/NOTIFY delivers it in milliseconds.
+        await eventually(lambda: "soon-distrusted" in orchestrator.blacklist, timeout=1.0)
         with pytest.raises(GenerationFailed):
             await client.generate("not ok", width=64, height=64, steps=2, timeout=30)
 
