@@ -104,6 +104,11 @@ class OrchestratorSettings:
     max_concurrent_jobs: int = field(
         default_factory=lambda: env_int("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024)
     )
+    # Records waiting for PostgreSQL (it is down, say) beyond which no new request is
+    # taken: they wait in the stream instead of in this process's memory.
+    max_record_backlog: int = field(
+        default_factory=lambda: env_int("IMAGEBUS_MAX_RECORD_BACKLOG", 50_000)
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 The dispatch path only appends to an in-memory queue; a background task writes
 batches to Postgres. If Postgres is unreachable, records stay queued (in order)
-and are retried with back-off, so dispatching never waits on the database.
+and are retried with back-off, so dispatching never waits on the database. The
+queue is not bounded here: the orchestrator takes no new request while it is
+`full` (requests wait in the intake stream meanwhile), which bounds it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from .store import TRANSIENT_ERRORS, Database, Record
 
 
 class JobRecorder:
-    def __init__(self, db: Database, *, batch_size: int = 500, interval_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_size: int = 500,
+        interval_s: float = 0.05,
+        max_backlog: int = 50_000,
+    ) -> None:
         self.db = db
         self.batch_size = batch_size
         self.interval_s = interval_s
+        self.max_backlog = max_backlog
         self._pending: list[Record] = []
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -37,6 +47,11 @@ class JobRecorder:
     @property
     def backlog(self) -> int:
         return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        """Whether the records not yet written have reached `max_backlog`."""
+        return len(self._pending) >= self.max_backlog
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written. False on timeout."""

@@ -11,7 +11,8 @@ consumer, so each request goes to exactly one of them at a time.
 Each orchestrator keeps pull requests standing (as nats.go's `Consume` does): it
 asks for up to `_PULL_BATCH` requests ahead, never more than its free capacity,
 and each arrives on its inbox the moment it is stored. No fetch round trip sits on
-the dispatch path, and an orchestrator is sent no more than it can take.
+the dispatch path, and an orchestrator is sent no more than it can take. While
+`pause_reason` gives a reason, it asks for none: requests wait in the stream.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Intake:
         ack_wait_s: float,
         max_deliver: int,
         max_age_s: float,
+        pause_reason: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -105,6 +107,8 @@ class Intake:
         self.max_deliver = max_deliver
         self.max_age_s = max_age_s
         self._capacity = capacity
+        self._pause_reason = pause_reason
+        self.paused_for: str | None = None  # why no new request is asked for now
         self._running: dict[asyncio.Task[None], Msg] = {}
         self._asked = 0  # requests asked for and neither delivered nor expired
         self._heard_at = time.monotonic()  # the last request or status that came in
@@ -173,7 +177,7 @@ class Intake:
         outstanding, and never more than the free capacity."""
         room = self._capacity - len(self._running) - self._asked
         want = min(room, self._PULL_BATCH - self._asked)
-        if want <= 0 or self._asked > self._PULL_BATCH // 2:
+        if want <= 0 or self._asked > self._PULL_BATCH // 2 or self._pause_reason():
             return 0
         return want
 
@@ -188,6 +192,7 @@ class Intake:
                 with contextlib.suppress(Exception):
                     await self._ensure_consumer()
             self._forget_ended_pulls()
+            self._note_pause()  # checked at least every heartbeat: a pause ends by itself
             want = self._to_ask()
             if not want or not self.nc.is_connected:
                 continue
@@ -214,6 +219,14 @@ class Intake:
                 self._log.warning("asking for requests failed; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
                 self._pull_needed.set()
+
+    def _note_pause(self) -> None:
+        reason = self._pause_reason()
+        if reason and not self.paused_for:
+            self._log.warning("taking no new requests; they wait in the stream", reason=reason)
+        elif self.paused_for and not reason:
+            self._log.info("taking requests again")
+        self.paused_for = reason
 
     def _forget_ended_pulls(self) -> None:
         now = time.monotonic()

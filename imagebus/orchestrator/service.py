@@ -156,7 +156,7 @@ class Orchestrator:
             self._log.info("database migrated", versions=applied)
         self.blacklist = BlacklistCache(self.db)
         await self.blacklist.start()
-        self.recorder = JobRecorder(self.db)
+        self.recorder = JobRecorder(self.db, max_backlog=self.settings.max_record_backlog)
         self.recorder.start()
         self.nc = await connect(self.settings.bus, name=f"imagebus-orchestrator-{self.id}")
         self._subscriptions = [
@@ -189,6 +189,7 @@ class Orchestrator:
             ack_wait_s=self.settings.intake_ack_wait_s,
             max_deliver=self.settings.intake_max_deliver,
             max_age_s=self.settings.intake_max_age_s,
+            pause_reason=self._intake_pause_reason,
         )
         try:
             await self.intake.start()
@@ -392,6 +393,7 @@ class Orchestrator:
             "tasks_waiting_for_a_slot": self.capacity.waiting,
             "requests_served": self.intake.served if self.intake else 0,
             "records_not_yet_written": self.recorder.backlog if self.recorder else 0,
+            "taking_no_requests_because": self.intake.paused_for if self.intake else None,
             "workers_live": len(self.registry.live()),
             "loop_lag": self.loop_lag.summary(),
         }
@@ -805,6 +807,14 @@ class Orchestrator:
     async def _send(self, out: Outbound | None) -> None:
         if out is not None and self.nc is not None:
             await self.nc.publish(out.subject, out.payload, headers=out.headers)
+
+    def _intake_pause_reason(self) -> str | None:
+        if self.recorder is not None and self.recorder.full:
+            return (
+                f"{self.recorder.backlog} records are waiting for PostgreSQL "
+                f"(IMAGEBUS_MAX_RECORD_BACKLOG={self.recorder.max_backlog})"
+            )
+        return None
 
     def _record(self, record: Record) -> None:
         if self.recorder is not None:
