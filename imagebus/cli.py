@@ -17,13 +17,25 @@ import sys
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .connections import BusUnavailable
 from .logs import configure_logging
 from .protocol import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
-from .settings import BusSettings, OrchestratorSettings, WorkerSettings, env_float, env_int, env_str
+from .protocol import subjects as s
+from .settings import (
+    INBOX_PREFIX_RULE,
+    BusSettings,
+    OrchestratorSettings,
+    WorkerSettings,
+    env_float,
+    env_int,
+    env_str,
+)
+
+if TYPE_CHECKING:
+    from .requester import ImageBusClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -52,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--nats-creds", default=None, help="NATS .creds file (env IMAGEBUS_NATS_CREDS)"
+        )
+        p.add_argument(
+            "--inbox-prefix",
+            type=inbox_prefix,
+            default=None,
+            help="where replies come, _INBOX.<user> on a server with per-user permissions "
+            "(env IMAGEBUS_NATS_INBOX_PREFIX, default _INBOX)",
         )
 
     def database_option(p: argparse.ArgumentParser) -> None:
@@ -218,9 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def inbox_prefix(value: str) -> str:
+    if not s.is_valid_inbox_prefix(value):
+        raise argparse.ArgumentTypeError(f"{INBOX_PREFIX_RULE}, got {value!r}")
+    return value
+
+
+def client_from(args: argparse.Namespace) -> ImageBusClient:
+    from .requester import ImageBusClient  # loaded by the commands that use it, as elsewhere
+
+    bus = bus_from(args)
+    return ImageBusClient(bus.nats_url, creds_file=bus.creds_file, inbox_prefix=bus.inbox_prefix)
+
+
 def bus_from(args: argparse.Namespace) -> BusSettings:
     base = BusSettings()
-    return BusSettings(args.nats_url or base.nats_url, args.nats_creds or base.creds_file)
+    return BusSettings(
+        args.nats_url or base.nats_url,
+        args.nats_creds or base.creds_file,
+        args.inbox_prefix or base.inbox_prefix,
+    )
 
 
 async def serve_until_signalled(
@@ -297,12 +333,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .requester import ImageBusClient, ImageBusError
+    from .requester import ImageBusError
     from .requester.session import generate_and_save
 
     async def run() -> int:
-        bus = bus_from(args)
-        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+        async with client_from(args) as client:
             try:
                 outcome = await generate_and_save(
                     client,
@@ -355,12 +390,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    from .requester import ImageBusClient
     from .requester.interactive import interactive_requester
 
     async def run() -> int:
-        bus = bus_from(args)
-        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+        async with client_from(args) as client:
             return await interactive_requester(client, args.out)
 
     return asyncio.run(run())
@@ -431,11 +464,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from .requester import ImageBusClient
 
     async def run() -> int:
-        bus = bus_from(args)
-        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+        async with client_from(args) as client:
             listing = await client.workers()
         if args.json:
             for item in listing:
@@ -462,11 +493,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .requester import ImageBusClient
 
     async def run() -> int:
-        bus = bus_from(args)
-        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+        async with client_from(args) as client:
             answers = await client.orchestrator_stats()
         for answer in answers:
             print(json.dumps(answer))
@@ -479,12 +508,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from .requester import ImageBusClient
     from .requester.client import FINAL_STATES, ImageBusError
 
     async def run() -> int:
-        bus = bus_from(args)
-        async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+        async with client_from(args) as client:
             try:
                 if args.action == "fetch":
                     images = await client.fetch(args.job_id)
@@ -537,11 +564,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from .settings import limits_from_env
 
     if args.from_bus:
-        from .requester import ImageBusClient
 
         async def fetch() -> dict[str, Any]:
-            bus = bus_from(args)
-            async with ImageBusClient(bus.nats_url, creds_file=bus.creds_file) as client:
+            async with client_from(args) as client:
                 return await client.schema()
 
         document = asyncio.run(fetch())

@@ -58,6 +58,7 @@ async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> Non
         bus.nats_url,
         name=name,
         user_credentials=bus.creds_file,
+        inbox_prefix=bus.inbox_prefix,
         # Keep trying for ever: a restarted server must not take the fleet down.
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; nats-py takes a float

@@ -61,12 +61,14 @@ def is_nats_server(host: str, port: int) -> bool:
 
 @dataclass
 class NatsServer:
-    """A nats-server child process with JetStream on."""
+    """A nats-server child process with JetStream on (and a config file's settings, such
+    as users and their permissions, if given)."""
 
     host: str
     port: int
     store_dir: Path
     monitor_port: int | None = None
+    config_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +81,8 @@ class NatsServer:
         args += ["-js", "-sd", str(self.store_dir)]
         if self.monitor_port:
             args += ["-m", str(self.monitor_port)]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
         # Its own session: a Ctrl-C meant for `imagebus up` must not kill the bus
         # before the workers and orchestrator have drained through it.
         with open(self.store_dir / "nats-server.log", "ab") as log:

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .protocol import Limits
+from .protocol import subjects as s
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -40,12 +41,28 @@ def default_nats_url() -> str:
     return env_str("IMAGEBUS_NATS_URL", DEFAULT_NATS_URL)
 
 
+def default_inbox_prefix() -> str:
+    prefix = env_str("IMAGEBUS_NATS_INBOX_PREFIX", s.DEFAULT_INBOX_PREFIX)
+    if not s.is_valid_inbox_prefix(prefix):
+        raise SystemExit(f"IMAGEBUS_NATS_INBOX_PREFIX: {INBOX_PREFIX_RULE}, got {prefix!r}")
+    return prefix
+
+
+INBOX_PREFIX_RULE = "an inbox prefix is _INBOX or _INBOX.<name>, in letters, digits, - and _"
+
+
 @dataclass(frozen=True)
 class BusSettings:
-    """How to reach NATS. Credentials may be in the URL or a .creds file."""
+    """How to reach NATS. Credentials may be in the URL or a .creds file; with per-user
+    permissions, `inbox_prefix` is where the server lets this user receive replies."""
 
     nats_url: str = field(default_factory=default_nats_url)
     creds_file: str | None = field(default_factory=lambda: os.environ.get("IMAGEBUS_NATS_CREDS"))
+    inbox_prefix: str = field(default_factory=default_inbox_prefix)
+
+    def __post_init__(self) -> None:
+        if not s.is_valid_inbox_prefix(self.inbox_prefix):
+            raise ValueError(f"{INBOX_PREFIX_RULE}, got {self.inbox_prefix!r}")
 
 
 def limits_from_env() -> Limits:

@@ -47,6 +47,8 @@ async def test_generate_exit_codes(stack: Stack, tmp_path: Path) -> None:
     assert not out.exists()
     code, _, stderr = await run_cli("generate", "x", "--nats-url", "nats://127.0.0.1:1")
     assert code == 3 and "cannot reach NATS" in stderr
+    code, _, stderr = await run_cli("generate", "x", "--inbox-prefix", "alice", *url)
+    assert code == 2 and "an inbox prefix is _INBOX or _INBOX.<name>" in stderr
 
 
 async def test_blacklist_commands(database_url: str) -> None:

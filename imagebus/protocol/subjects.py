@@ -79,12 +79,20 @@ EVENT_CHUNK = "chunk"
 # orchestrator or a worker publish on a control subject.
 INBOX_PREFIX = "_INBOX."
 _INBOX_RE = re.compile(r"^_INBOX(\.[A-Za-z0-9_\-]+)+$")
+# A client's inboxes are "<prefix>.<nuid>": "_INBOX" by default, "_INBOX.<user>" on a
+# server whose permissions let each user subscribe to its own inboxes only.
+DEFAULT_INBOX_PREFIX = "_INBOX"
+_INBOX_PREFIX_RE = re.compile(r"^_INBOX(\.[A-Za-z0-9_\-]+)*$")
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 MAX_INBOX_LENGTH = 200
 
 
 def is_valid_inbox(subject: str) -> bool:
     return len(subject) <= MAX_INBOX_LENGTH and _INBOX_RE.match(subject) is not None
+
+
+def is_valid_inbox_prefix(prefix: str) -> bool:
+    return len(prefix) <= MAX_INBOX_LENGTH - 30 and _INBOX_PREFIX_RE.match(prefix) is not None
 
 
 def is_valid_worker_id(worker_id: str) -> bool:

@@ -266,10 +266,15 @@ class ImageBusClient:
         nats_url: str | None = None,
         *,
         creds_file: str | None = None,
+        inbox_prefix: str | None = None,
         connect_wait_s: float = 5.0,
     ) -> None:
         base = BusSettings()
-        self.bus = BusSettings(nats_url or base.nats_url, creds_file or base.creds_file)
+        self.bus = BusSettings(
+            nats_url or base.nats_url,
+            creds_file or base.creds_file,
+            inbox_prefix or base.inbox_prefix,
+        )
         self.connect_wait_s = connect_wait_s
         self.nc: Client | None = None
         # One subscription for the events of every job submitted here, each job under
@@ -373,7 +378,10 @@ class ImageBusClient:
         except (TimeoutError, NatsTimeoutError):
             await job._unsubscribe()
             raise ImageBusError(
-                "the request stream did not confirm the request", "not_stored"
+                "the request stream did not confirm the request within 5 s (on a server with "
+                "per-user permissions: is --inbox-prefix / IMAGEBUS_NATS_INBOX_PREFIX an inbox "
+                "prefix this user may receive on?)",
+                "not_stored",
             ) from None
         if b'"error"' in ack.data:
             await job._unsubscribe()

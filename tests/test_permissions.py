@@ -1,0 +1,152 @@
+"""The per-role NATS permissions of deploy/nats-permissions.conf, on a real nats-server:
+every role does all its work within them, and what a role must not do is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from imagebus.embedded import NatsServer, free_port
+from imagebus.orchestrator import Orchestrator
+from imagebus.protocol import subjects as s
+from imagebus.requester import ImageBusClient, ImageBusError
+from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
+from imagebus.worker import Worker
+from imagebus.worker.engine import DiffusionEngine
+
+from .helpers import SETTLE_S, eventually, run_cli
+
+CONFIG = Path(__file__).parents[1] / "deploy" / "nats-permissions.conf"
+PASSWORDS = {
+    "orchestrator": ("IMAGEBUS_ORCHESTRATOR_PASSWORD", "orchestrator-secret"),
+    "gpu-1": ("IMAGEBUS_WORKER_GPU_1_PASSWORD", "worker-secret"),
+    "alice": ("IMAGEBUS_REQUESTER_ALICE_PASSWORD", "requester-secret"),
+}
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    for variable, password in PASSWORDS.values():
+        monkeypatch.setenv(variable, password)  # the config reads them from its environment
+    running = NatsServer("127.0.0.1", free_port(), tmp_path / "nats", config_file=CONFIG).start()
+    yield running
+    running.stop()
+
+
+def url(server: NatsServer, user: str) -> str:
+    return f"nats://{user}:{PASSWORDS[user][1]}@{server.host}:{server.port}"
+
+
+def violations(server: NatsServer) -> list[str]:
+    log = server.store_dir / "nats-server.log"
+    # nats-server logs "Publish Violation" or "Subscription Violation", with the subject.
+    return [line for line in log.read_text().splitlines() if "Violation" in line]
+
+
+async def test_every_role_works_within_its_permissions(
+    server: NatsServer, database_url: str, tiny_engine: DiffusionEngine, tmp_path: Path
+) -> None:
+    orchestrator = Orchestrator(
+        OrchestratorSettings(database_url, bus=BusSettings(url(server, "orchestrator"), None))
+    )
+    worker = Worker(
+        WorkerSettings("gpu-1", bus=BusSettings(url(server, "gpu-1"), None, "_INBOX.gpu-1")),
+        engine=tiny_engine,
+    )
+    await orchestrator.start()
+    await worker.start()
+    try:
+        async with ImageBusClient(url(server, "alice"), inbox_prefix="_INBOX.alice") as client:
+            job = await client.submit(["a", "b"], width=64, height=64, steps=2)
+            images = await job.wait(60)
+            assert [image.worker_id for image in images] == ["gpu-1", "gpu-1"]
+            job_id = await job.accepted()
+            kept = await client.fetch(job_id)
+            assert sorted(kept) == [0, 1]
+            assert [w.advert.worker_id for w in await client.workers()] == ["gpu-1"]
+            assert len(await client.orchestrator_stats()) == 1
+            assert "properties" in await client.schema()
+            # A cancellation goes out (of a job already done: nothing to stop).
+            await job.cancel()
+            assert await orchestrator.settle(SETTLE_S)
+            assert (await client.job_status(job_id)).state == "done"
+        code, _, stderr = await run_cli(
+            "generate", "from the command line", "--width", "64", "--height", "64",
+            "--steps", "2", "--inbox-prefix", "_INBOX.alice", "--nats-url", url(server, "alice"),
+            "--out", str(tmp_path / "out"),
+        )  # fmt: skip
+        assert code == 0, stderr
+    finally:
+        await worker.stop(grace_s=5)
+        await orchestrator.stop(grace_s=5)
+    # Everything above was allowed: the server refused nothing.
+    assert violations(server) == []
+
+
+async def _refused(nc: Client, errors: list[str], action: str) -> bool:
+    """Whether the server answers `action` (already sent) with a permissions violation
+    (nats-py hands it to the error callback in lower case; the connection stays up)."""
+    await nc.flush()
+    expected = f"permissions violation for {action}".lower()
+    return await eventually(lambda: any(expected in e.lower() for e in errors), 5.0)
+
+
+async def _connect(server: NatsServer, user: str, errors: list[str]) -> Client:
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    return await nats.connect(
+        url(server, user), inbox_prefix=f"_INBOX.{user}", error_cb=on_error, allow_reconnect=False
+    )
+
+
+async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
+    alice_errors: list[str] = []
+    worker_errors: list[str] = []
+    alice = await _connect(server, "alice", alice_errors)
+    worker = await _connect(server, "gpu-1", worker_errors)
+    try:
+        # A requester reads no one else's inbox, no worker's assignments, no request.
+        await alice.subscribe("_INBOX.>")
+        assert await _refused(alice, alice_errors, 'Subscription to "_INBOX.>"')
+        await alice.subscribe(s.worker_assign_subject("gpu-1"))
+        assert await _refused(alice, alice_errors, 'Subscription to "imagebus.worker.gpu-1.assign"')
+        await alice.publish(s.INTAKE_PULL_SUBJECT, b'{"batch": 1}', reply="_INBOX.alice.x")
+        assert await _refused(alice, alice_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
+        # A worker takes no other worker's assignments and reads no requester's inbox.
+        others = s.worker_assign_subject("gpu-2")
+        await worker.subscribe(others)
+        assert await _refused(worker, worker_errors, f'Subscription to "{others}"')
+        await worker.subscribe("_INBOX.alice.>")
+        assert await _refused(worker, worker_errors, 'Subscription to "_INBOX.alice.>"')
+        await worker.subscribe(s.REQUEST_SUBJECT)
+        assert await _refused(worker, worker_errors, f'Subscription to "{s.REQUEST_SUBJECT}"')
+        await worker.publish(s.INTAKE_PULL_SUBJECT, b'{"batch": 1}', reply="_INBOX.gpu-1.x")
+        assert await _refused(worker, worker_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
+    finally:
+        await alice.close()
+        await worker.close()
+    # Nobody gets in without a user.
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def test_a_requester_outside_its_inbox_prefix_gets_a_clear_error(
+    server: NatsServer, database_url: str
+) -> None:
+    orchestrator = Orchestrator(
+        OrchestratorSettings(database_url, bus=BusSettings(url(server, "orchestrator"), None))
+    )
+    await orchestrator.start()
+    try:
+        # Without --inbox-prefix its replies would come on _INBOX.<random>, which this
+        # user may not receive: the stream's confirmation never reaches it.
+        async with ImageBusClient(url(server, "alice")) as client:
+            with pytest.raises(ImageBusError, match="inbox-prefix"):
+                await client.submit("lost?", width=64, height=64, steps=2)
+    finally:
+        await orchestrator.stop(grace_s=5)
