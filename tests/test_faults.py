@@ -12,7 +12,9 @@ import asyncpg
 import pytest
 from PIL import Image
 
-from imagebus.requester import GenerationFailed, ImageBusClient
+from imagebus.protocol import JobCancel, encode
+from imagebus.protocol import subjects as s
+from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
 
 from .conftest import Stack
 from .helpers import SETTLE_S, wait_for_workers
@@ -114,6 +116,44 @@ async def test_cancel_stops_running_and_queued_images(stack: Stack) -> None:
         # The slot is free again: the worker takes new work at once.
         images = await client.generate("after", width=64, height=64, steps=2, timeout=30)
     assert images[0].worker_id == worker.id
+
+
+async def test_cancel_reaches_a_job_before_its_id_does(stack: Stack) -> None:
+    """A request still waiting in the stream has no job id: it is cancelled by its inbox,
+    and answered as cancelled once an orchestrator comes to serve it; a running job
+    cancelled by its inbox (its acceptance not yet heard) stops as by its id."""
+    await stack.start_orchestrator(max_concurrent_jobs=1)  # a second job waits in the stream
+    await stack.start_worker()
+    started = asyncio.Event()
+    async with ImageBusClient(stack.nats_url) as client:
+        running = await client.submit(
+            "running", width=128, height=128, steps=60, on_progress=lambda p: started.set()
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        queued = await client.submit("queued", width=64, height=64, steps=2)
+        with pytest.raises(ImageBusError, match="not accepted"):
+            await queued.accepted(timeout=0.5)
+        await queued.cancel()  # no job id yet: by its inbox
+        assert client.nc is not None  # and the running one by its inbox too, as a
+        await client.nc.publish(  # requester would that had not heard "accepted" yet
+            s.CANCEL_SUBJECT, encode(JobCancel("", inbox=running.inbox))
+        )
+        for job in (running, queued):
+            with pytest.raises(GenerationFailed) as failed:
+                await job.wait(30)
+            assert [f.code for f in failed.value.failures] == ["cancelled"]
+        queued_id = await queued.accepted()
+    assert await stack.orchestrators[0].settle(SETTLE_S)
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        # The queued one was never given to a worker.
+        attempts = await conn.fetchval(
+            "SELECT count(*) FROM task_attempts WHERE job_id = $1", queued_id
+        )
+        state = await conn.fetchval("SELECT state FROM jobs WHERE job_id = $1", queued_id)
+    finally:
+        await conn.close()
+    assert (attempts, state) == (0, "cancelled")
 
 
 async def test_sigterm_lets_a_worker_finish_its_job_first(stack: Stack) -> None:

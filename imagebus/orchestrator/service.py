@@ -94,6 +94,29 @@ class Job:
     answered: set[int] = field(default_factory=set)  # images whose final answer is out
 
 
+class CancelledInboxes:
+    """The inboxes of jobs cancelled before their requester heard of a job id: a request
+    served later with one of them is answered as cancelled at once. Each is kept for
+    `ttl_s` (the stream's max age: no request waits longer), at most `limit` of them."""
+
+    def __init__(self, ttl_s: float, limit: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._until: dict[str, float] = {}  # in the order they came
+
+    def add(self, inbox: str) -> None:
+        now = time.monotonic()
+        self._until.pop(inbox, None)
+        self._until[inbox] = now + self.ttl_s
+        while self._until and (
+            len(self._until) > self.limit or next(iter(self._until.values())) < now
+        ):
+            del self._until[next(iter(self._until))]
+
+    def __contains__(self, inbox: str) -> bool:
+        return self._until.get(inbox, 0.0) >= time.monotonic()
+
+
 class Outcome(StrEnum):
     """How one assignment of a task to a worker ended."""
 
@@ -142,6 +165,7 @@ class Orchestrator:
         self.intake: Intake | None = None
         self._watches: dict[tuple[str, int], Watch] = {}
         self._running_jobs: dict[str, Job] = {}
+        self._cancelled_inboxes = CancelledInboxes(settings.intake_max_age_s)
         self.registry = Registry(settings.registry_warm_s)
         self.loop_lag = LoopLag()
         self._log = get_logger(orchestrator_id=self.id)
@@ -294,7 +318,16 @@ class Orchestrator:
             cancel = decode(JobCancel, msg.data)
         except ProtocolError:
             return
-        job = self._running_jobs.get(cancel.job_id)
+        if cancel.job_id:
+            job = self._running_jobs.get(cancel.job_id)
+        elif s.is_valid_inbox(cancel.inbox):
+            # Its requester has no job id yet: it may run here already, or still wait
+            # in the stream, and then it is cancelled when it comes to be served.
+            self._cancelled_inboxes.add(cancel.inbox)
+            running = (j for j in self._running_jobs.values() if j.inbox == cancel.inbox)
+            job = next(running, None)
+        else:
+            return
         if job is not None and cancel.index is None:
             self._log.info("job cancelled", job_id=job.job_id, reason=cancel.reason)
             job.cancelled = True
@@ -453,6 +486,7 @@ class Orchestrator:
             dialect=dialect,
             inbox=inbox,
             seeds=_seeds(request, job_id),
+            cancelled=inbox in self._cancelled_inboxes,  # its tasks end at once, as cancelled
         )
         log = self._log.bind(job_id=job.job_id)
         log.info(

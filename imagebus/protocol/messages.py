@@ -242,11 +242,14 @@ class JobStatus:
 
 @dataclass(frozen=True, slots=True)
 class JobCancel:
-    """Broadcast: stop this job (or one of its images). Orchestrators and workers listen."""
+    """Broadcast: stop this job (or one of its images). Orchestrators and workers listen.
+    A requester that has no job id yet (the request still waits in the stream) names
+    the job by its inbox instead, with `job_id` empty."""
 
     job_id: str
     index: int | None = None
     reason: str = "cancelled by the requester"
+    inbox: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,14 +146,12 @@ class Job:
 
     async def cancel(self) -> None:
         """Ask for the job to stop: queued images are dropped, running ones stop at
-        their next step, and each unfinished image is answered as cancelled."""
-        try:
-            await self.accepted()
-        except ImageBusError:
-            raise ImageBusError("the job was never accepted; nothing to cancel") from None
-        assert self.job_id is not None
+        their next step, and each unfinished image is answered as cancelled. A job not
+        accepted yet (its request still waits in the stream) is named by its inbox: the
+        orchestrators running now answer it as cancelled when they come to serve it."""
+        cancel = JobCancel(self.job_id) if self.job_id else JobCancel("", inbox=self.inbox)
         if self._nc is not None:
-            await self._nc.publish(s.CANCEL_SUBJECT, encode(JobCancel(self.job_id)))
+            await self._nc.publish(s.CANCEL_SUBJECT, encode(cancel))
 
     async def wait(self, timeout: float | None = None) -> list[GeneratedImage]:
         """All images, in index order. Raises GenerationFailed if any failed."""

@@ -260,7 +260,10 @@ class Worker:
         except ProtocolError:
             return
         for (job_id, index), running in self._running.items():
-            if job_id == cancel.job_id and cancel.index in (None, index):
+            named = job_id == cancel.job_id or (
+                cancel.inbox and running.assignment.reply_inbox == cancel.inbox
+            )
+            if named and cancel.index in (None, index):
                 self._log.info("cancelling task", job_id=job_id, index=index, reason=cancel.reason)
                 running.cancelled = True
                 running.reassigned = cancel.index is not None
