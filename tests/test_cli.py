@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import sys
 from pathlib import Path
 
+import asyncpg
 from PIL import Image
 
 from .conftest import Stack
-from .helpers import run_cli
+from .helpers import SETTLE_S, eventually, run_cli
 
 
 async def test_generate_writes_valid_pngs_of_the_requested_size(
@@ -110,3 +113,30 @@ async def test_stats_reports_each_orchestrator_and_its_event_loop_lag(stack: Sta
     assert stats["jobs_running"] == 0
     assert stats["loop_lag"]["samples"] > 0
     assert 0 <= stats["loop_lag"]["p50_ms"] <= stats["loop_lag"]["max_ms"]
+
+
+async def test_ctrl_c_on_generate_cancels_the_job(stack: Stack, tmp_path: Path) -> None:
+    orchestrator = await stack.start_orchestrator()
+    worker = await stack.start_worker()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagebus", "generate", "interrupted", "-n", "2",
+        "--width", "128", "--height", "128", "--steps", "150", "--no-progress",
+        "--nats-url", stack.nats_url, "--out", str(tmp_path),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    line = await asyncio.wait_for(process.stderr.readline(), 60)  # "job ID (imagebus job ...)"
+    job_id = line.decode().split()[1]
+    assert await eventually(lambda: worker.peak_generating > 0, 30)  # an image is being made
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 30) == 130
+    # The pool stops working on it: both images end as cancelled, and no image is saved.
+    assert await orchestrator.settle(SETTLE_S)
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        state = await conn.fetchval("SELECT state FROM jobs WHERE job_id = $1", job_id)
+        codes = await conn.fetch("SELECT error_code FROM tasks WHERE job_id = $1", job_id)
+    finally:
+        await conn.close()
+    assert (state, [row["error_code"] for row in codes]) == ("cancelled", ["cancelled"] * 2)
+    assert not list(tmp_path.glob("*.png"))

@@ -63,6 +63,12 @@ async def generate_and_save(
         except GenerationFailed as failed:
             images = failed.images
             outcome.failures = [f"image {f.index + 1}: {f.error}" for f in failed.failures]
+        except asyncio.CancelledError:
+            # Ctrl-C: the user wants it stopped, not left running for no one (a timeout
+            # leaves it running: its images can be collected later by job id).
+            with contextlib.suppress(Exception):
+                await job.cancel()
+            raise
         finally:
             announcing.cancel()
             announce_once()
