@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 from PIL import Image
 
 from .conftest import Stack
@@ -115,28 +116,32 @@ async def test_stats_reports_each_orchestrator_and_its_event_loop_lag(stack: Sta
     assert 0 <= stats["loop_lag"]["p50_ms"] <= stats["loop_lag"]["max_ms"]
 
 
-async def test_ctrl_c_on_generate_cancels_the_job(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["generate", "request"])
+async def test_ctrl_c_cancels_the_job(stack: Stack, tmp_path: Path, command: str) -> None:
     orchestrator = await stack.start_orchestrator()
     worker = await stack.start_worker()
+    size = ["--width", "128", "--height", "128", "--steps", "150", "-n", "2", "--no-progress"]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagebus", "generate", "interrupted", "-n", "2",
-        "--width", "128", "--height", "128", "--steps", "150", "--no-progress",
+        sys.executable, "-m", "imagebus", command, *(size if command == "generate" else []),
+        *(["interrupted"] if command == "generate" else []),
         "--nats-url", stack.nats_url, "--out", str(tmp_path),
-        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    assert process.stderr is not None
-    line = await asyncio.wait_for(process.stderr.readline(), 60)  # "job ID (imagebus job ...)"
-    job_id = line.decode().split()[1]
-    assert await eventually(lambda: worker.peak_generating > 0, 30)  # an image is being made
+    assert process.stdin is not None
+    process.stdin.write(b"interrupted\n128\n128\n150\n2\n")  # what `request` asks
+    await process.stdin.drain()
+    assert await eventually(lambda: worker.peak_generating > 0, 60)  # an image is being made
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), 30) == 130
     # The pool stops working on it: both images end as cancelled, and no image is saved.
     assert await orchestrator.settle(SETTLE_S)
     conn = await asyncpg.connect(stack.database_url)
     try:
-        state = await conn.fetchval("SELECT state FROM jobs WHERE job_id = $1", job_id)
-        codes = await conn.fetch("SELECT error_code FROM tasks WHERE job_id = $1", job_id)
+        jobs = await conn.fetch("SELECT job_id, state FROM jobs")
+        codes = await conn.fetch("SELECT error_code FROM tasks")
     finally:
         await conn.close()
-    assert (state, [row["error_code"] for row in codes]) == ("cancelled", ["cancelled"] * 2)
+    assert [job["state"] for job in jobs] == ["cancelled"]
+    assert [row["error_code"] for row in codes] == ["cancelled"] * 2
     assert not list(tmp_path.glob("*.png"))
