@@ -212,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nats_option(stats)
 
-    job = commands.add_parser("job", help="a job's status, or collect its images later")
+    job = commands.add_parser("job", help="a job's status, collect its images later, or cancel it")
     nats_option(job)
-    job.add_argument("action", choices=["status", "wait", "fetch"])
+    job.add_argument("action", choices=["status", "wait", "fetch", "cancel"])
     job.add_argument("job_id")
     job.add_argument("--out", type=Path, default=Path("generated"), help="fetch: where to save")
     job.add_argument("--zip", action="store_true", help="fetch: one zip of every image")
-    job.add_argument("--timeout", type=float, default=None, help="wait: give up after seconds")
-    job.add_argument("--json", action="store_true", help="status/wait: print JSON")
+    job.add_argument(
+        "--timeout", type=float, default=None, help="wait, cancel: give up after seconds"
+    )
+    job.add_argument("--json", action="store_true", help="status/wait/cancel: print JSON")
 
     schema = commands.add_parser("schema", help="print the request parameters' JSON Schema")
     schema.add_argument(
@@ -520,6 +522,8 @@ def cmd_job(args: argparse.Namespace) -> int:
                     return EXIT_OK
                 if args.action == "wait":
                     status = await client.wait_job(args.job_id, args.timeout)
+                elif args.action == "cancel":
+                    status = await client.cancel_job(args.job_id, args.timeout or 60.0)
                 else:
                     status = await client.job_status(args.job_id)
             except ImageBusError as exc:
@@ -538,6 +542,8 @@ def cmd_job(args: argparse.Namespace) -> int:
                 print(line + (f" - {t.error}" if t.error else ""))
         if args.action == "wait":
             return EXIT_OK if status.state == "done" else EXIT_FAILED
+        if args.action == "cancel":
+            return EXIT_OK  # it has ended, cancelled or (if it was done already) not
         return EXIT_OK if status.state in FINAL_STATES or status.failed == 0 else EXIT_FAILED
 
     return asyncio.run(run())

@@ -133,6 +133,25 @@ async def test_requester_may_leave_and_fetch_the_images_later(stack: Stack, tmp_
     assert code == 0 and f"job {job_id}: done, 3 of 3 images done" in stdout
 
 
+async def test_a_job_left_running_is_cancelled_by_its_id_from_the_command_line(
+    stack: Stack,
+) -> None:
+    await stack.start_orchestrator()
+    worker = await stack.start_worker()
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit("long", n=2, width=128, height=128, steps=150)
+        job_id = await job.accepted()
+    assert await eventually(lambda: worker.peak_generating > 0, 30)  # the requester has left
+    code, stdout, stderr = await run_cli(
+        "job", "cancel", job_id, "--json", "--nats-url", stack.nats_url
+    )
+    assert code == 0, stderr
+    status = json.loads(stdout)
+    assert (status["state"], status["succeeded"], status["failed"]) == ("cancelled", 0, 2)
+    code, _, stderr = await run_cli("job", "cancel", "no-such-job", "--nats-url", stack.nats_url)
+    assert code == 2 and "no-such-job" in stderr
+
+
 @pytest.mark.parametrize("stream", ["refusing", "missing", "silent"])
 async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_delivered(
     stack: Stack, stream: str, monkeypatch: pytest.MonkeyPatch

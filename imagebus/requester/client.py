@@ -432,6 +432,15 @@ class ImageBusClient:
         reply = await self._ask(s.JOB_STATUS_SUBJECT, job_id.encode())
         return decode(JobStatus, reply.data)
 
+    async def cancel_job(self, job_id: str, timeout: float | None = 60.0) -> JobStatus:
+        """Stop a job by its id, as `Job.cancel` does (from any process: the one that
+        submitted it may be gone), and wait until it has ended; returns its status."""
+        if self.nc is None:
+            raise RuntimeError("use `async with ImageBusClient(...)` first")
+        await self.job_status(job_id)  # an unknown id is said so (not_found), not waited on
+        await self.nc.publish(s.CANCEL_SUBJECT, encode(JobCancel(job_id)))
+        return await self.wait_job(job_id, timeout)
+
     async def wait_job(
         self, job_id: str, timeout: float | None = None, poll_s: float = 0.5
     ) -> JobStatus:
