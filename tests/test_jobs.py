@@ -309,3 +309,17 @@ async def test_a_lone_fitting_worker_among_unfit_ones_is_found(stack: Stack) -> 
     async with ImageBusClient(stack.nats_url) as client:
         images = await client.generate("rare", model="noop", n=3, steps=1, timeout=60)
     assert {image.worker_id for image in images} == {"only-noop"}
+
+
+def test_cancelled_inboxes_are_kept_for_their_ttl_and_at_most_their_limit() -> None:
+    from imagebus.orchestrator.service import CancelledInboxes
+
+    kept = CancelledInboxes(ttl_s=0.2, limit=3)
+    for i in range(5):
+        kept.add(f"_INBOX.a.{i}")
+    assert [f"_INBOX.a.{i}" in kept for i in range(5)] == [False, False, True, True, True]
+    kept.add("_INBOX.a.2")  # again: it goes to the back, and counts from now
+    time.sleep(0.25)
+    assert "_INBOX.a.2" not in kept  # expired
+    kept.add("_INBOX.b")  # adding drops the expired ones
+    assert len(kept._until) == 1 and "_INBOX.b" in kept
