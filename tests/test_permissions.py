@@ -61,7 +61,9 @@ async def test_every_role_works_within_its_permissions(
     await worker.start()
     try:
         async with ImageBusClient(url(server, "alice"), inbox_prefix="_INBOX.alice") as client:
-            job = await client.submit(["a", "b"], width=64, height=64, steps=2)
+            # Two images on one slot, each long enough for heartbeats: the second waits
+            # for the slot the first frees (capacity notices).
+            job = await client.submit(["a", "b"], width=128, height=128, steps=40)
             images = await job.wait(60)
             assert [image.worker_id for image in images] == ["gpu-1", "gpu-1"]
             job_id = await job.accepted()
