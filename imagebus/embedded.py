@@ -10,7 +10,6 @@ point imagebus at their own NATS cluster and database instead.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from .settings import imagebus_home_from_env
 
 
 class EmbeddedError(RuntimeError):
@@ -159,4 +160,4 @@ def database_url_for(url: str, database: str) -> str:
 
 
 def imagebus_home() -> Path:
-    return Path(os.environ.get("IMAGEBUS_HOME") or ".imagebus").resolve()
+    return Path(imagebus_home_from_env()).resolve()

@@ -1,54 +1,98 @@
-"""Typed settings for each role, read from IMAGEBUS_* environment variables.
+"""Typed settings for each role, and the one reader of IMAGEBUS_* environment variables.
 
-The CLI builds these from its flags (flags win over the environment); the
-Python API takes them directly. The README's configuration reference lists
-every variable read here.
+Each role's settings is a frozen dataclass with plain defaults; its `from_env()`
+reads the environment through `Environment` and takes overrides (the CLI's flags,
+which win over the environment). A bad value raises `ConfigError` naming the
+variable and the rule. The README's configuration reference lists every variable.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 from .protocol import Limits
 from .protocol import subjects as s
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-
-def env_str(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
-
-
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-
-
-def default_nats_url() -> str:
-    return env_str("IMAGEBUS_NATS_URL", DEFAULT_NATS_URL)
-
-
-def default_inbox_prefix() -> str:
-    prefix = env_str("IMAGEBUS_NATS_INBOX_PREFIX", s.DEFAULT_INBOX_PREFIX)
-    if not s.is_valid_inbox_prefix(prefix):
-        raise SystemExit(f"IMAGEBUS_NATS_INBOX_PREFIX: {INBOX_PREFIX_RULE}, got {prefix!r}")
-    return prefix
-
-
 INBOX_PREFIX_RULE = "an inbox prefix is _INBOX or _INBOX.<name>, in letters, digits, - and _"
+LOG_FORMATS = ("console", "json")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: names the variable (or flag) and the rule."""
+
+    def __init__(self, name: str, rule: str, value: object = None) -> None:
+        given = f", got {value!r}" if value is not None else ""
+        super().__init__(f"{name}: {rule}{given}")
+        self.name = name
+        self.rule = rule
+
+
+class Environment:
+    """Typed getters over a mapping of variables (os.environ by default).
+
+    An unset or empty variable gives the default; a set one must follow its rule.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def optional(self, name: str) -> str | None:
+        return self._environ.get(name) or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
+        return self._parse(name, default, int, "must be an integer", minimum)
+
+    def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
+        return self._parse(name, default, float, "must be a number", minimum)
+
+    def flag(self, name: str) -> bool:
+        raw = self.optional(name)
+        if raw not in (None, "0", "1"):
+            raise ConfigError(name, "must be 1 (on) or 0 (off)", raw)
+        return raw == "1"
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}", value)
+        return value
+
+    def _parse(self, name: str, default: T, kind: Callable[[str], T], rule: str, minimum: Any) -> T:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(name, rule, raw) from None
+        if minimum is not None and not value >= minimum:  # type: ignore[operator]
+            raise ConfigError(name, f"must be at least {minimum:g}", raw)
+        return value
+
+
+def _environment(env: Environment | Mapping[str, str] | None) -> Environment:
+    return env if isinstance(env, Environment) else Environment(env)
+
+
+def _given(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides left as None (a flag not given) do not override."""
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _check_fields(cls: type, overrides: Mapping[str, Any]) -> None:
+    unknown = set(overrides) - {f.name for f in fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting {sorted(unknown)[0]!r}")
 
 
 @dataclass(frozen=True)
@@ -56,76 +100,132 @@ class BusSettings:
     """How to reach NATS. Credentials may be in the URL or a .creds file; with per-user
     permissions, `inbox_prefix` is where the server lets this user receive replies."""
 
-    nats_url: str = field(default_factory=default_nats_url)
-    creds_file: str | None = field(default_factory=lambda: os.environ.get("IMAGEBUS_NATS_CREDS"))
-    inbox_prefix: str = field(default_factory=default_inbox_prefix)
+    nats_url: str = DEFAULT_NATS_URL
+    creds_file: str | None = None
+    inbox_prefix: str = s.DEFAULT_INBOX_PREFIX
 
     def __post_init__(self) -> None:
         if not s.is_valid_inbox_prefix(self.inbox_prefix):
             raise ValueError(f"{INBOX_PREFIX_RULE}, got {self.inbox_prefix!r}")
 
+    @classmethod
+    def from_env(
+        cls, env: Environment | Mapping[str, str] | None = None, **overrides: Any
+    ) -> BusSettings:
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        prefix = given.pop("inbox_prefix", None) or e.text(
+            "IMAGEBUS_NATS_INBOX_PREFIX", s.DEFAULT_INBOX_PREFIX
+        )
+        if not s.is_valid_inbox_prefix(prefix):
+            raise ConfigError("IMAGEBUS_NATS_INBOX_PREFIX", INBOX_PREFIX_RULE, prefix)
+        read = cls(
+            nats_url=e.text("IMAGEBUS_NATS_URL", DEFAULT_NATS_URL),
+            creds_file=e.optional("IMAGEBUS_NATS_CREDS"),
+            inbox_prefix=prefix,
+        )
+        return replace(read, **given)
 
-def limits_from_env() -> Limits:
+
+def limits_from_env(env: Environment | Mapping[str, str] | None = None, **overrides: Any) -> Limits:
+    """The orchestrator's bounds on a request (Limits lives in the protocol)."""
+    e = _environment(env)
     base = Limits()
-    return Limits(
-        max_payload_bytes=env_int("IMAGEBUS_MAX_REQUEST_BYTES", base.max_payload_bytes),
-        max_prompt_chars=env_int("IMAGEBUS_MAX_PROMPT_CHARS", base.max_prompt_chars),
-        max_width=env_int("IMAGEBUS_MAX_WIDTH", base.max_width),
-        max_height=env_int("IMAGEBUS_MAX_HEIGHT", base.max_height),
-        max_steps=env_int("IMAGEBUS_MAX_STEPS", base.max_steps),
-        max_images=env_int("IMAGEBUS_MAX_IMAGES", base.max_images),
-        max_guidance=env_float("IMAGEBUS_MAX_GUIDANCE", base.max_guidance),
+    read = Limits(
+        max_payload_bytes=e.integer(
+            "IMAGEBUS_MAX_REQUEST_BYTES", base.max_payload_bytes, minimum=1
+        ),
+        max_prompt_chars=e.integer("IMAGEBUS_MAX_PROMPT_CHARS", base.max_prompt_chars, minimum=1),
+        max_width=e.integer("IMAGEBUS_MAX_WIDTH", base.max_width, minimum=8),
+        max_height=e.integer("IMAGEBUS_MAX_HEIGHT", base.max_height, minimum=8),
+        max_steps=e.integer("IMAGEBUS_MAX_STEPS", base.max_steps, minimum=1),
+        max_images=e.integer("IMAGEBUS_MAX_IMAGES", base.max_images, minimum=1),
+        max_guidance=e.number("IMAGEBUS_MAX_GUIDANCE", base.max_guidance, minimum=0.0),
     )
+    return replace(read, **_given(overrides))
+
+
+def database_url_from_env(env: Environment | Mapping[str, str] | None = None) -> str | None:
+    return _environment(env).optional("IMAGEBUS_DATABASE_URL")
+
+
+def _new_orchestrator_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 @dataclass(frozen=True)
 class OrchestratorSettings:
     database_url: str
     bus: BusSettings = field(default_factory=BusSettings)
-    orchestrator_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    limits: Limits = field(default_factory=limits_from_env)
+    orchestrator_id: str = field(default_factory=_new_orchestrator_id)
+    limits: Limits = field(default_factory=Limits)
     # Recruitment: a round asks `request-worker` up to max_attempts times.
-    max_attempts: int = field(default_factory=lambda: env_int("IMAGEBUS_MAX_ATTEMPTS", 10))
-    recruit_timeout_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_RECRUIT_TIMEOUT", 1.0)
-    )
+    max_attempts: int = 10
+    recruit_timeout_s: float = 1.0
     # How long a task may wait for a free slot while every worker is busy.
-    queue_timeout_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_QUEUE_TIMEOUT", 600.0)
-    )
+    queue_timeout_s: float = 600.0
     # How long an assigned task may run before it is re-assigned.
-    task_timeout_s: float = field(default_factory=lambda: env_float("IMAGEBUS_TASK_TIMEOUT", 600.0))
+    task_timeout_s: float = 600.0
     # A running task whose worker sends no heartbeat for this long is re-assigned...
-    heartbeat_timeout_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_HEARTBEAT_TIMEOUT", 5.0)
-    )
+    heartbeat_timeout_s: float = 5.0
     # ...at most this many times, then it fails.
-    max_reassignments: int = field(default_factory=lambda: env_int("IMAGEBUS_MAX_REASSIGNMENTS", 3))
+    max_reassignments: int = 3
     # Durable intake: a job's request is redelivered if its orchestrator stays silent this
     # long (it keeps the message in progress while it runs), at most this many times.
-    intake_ack_wait_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_INTAKE_ACK_WAIT", 30.0)
-    )
-    intake_max_deliver: int = field(
-        default_factory=lambda: env_int("IMAGEBUS_INTAKE_MAX_DELIVER", 20)
-    )
+    intake_ack_wait_s: float = 30.0
+    intake_max_deliver: int = 20
     # Requests not served within this long are dropped from the stream.
-    intake_max_age_s: float = field(
-        default_factory=lambda: env_float("IMAGEBUS_INTAKE_MAX_AGE", 86400.0)
-    )
+    intake_max_age_s: float = 86400.0
     # Workers advertise every 2 s: after this long the registry knows the whole pool and
     # requests no worker could ever take fail at once.
     registry_warm_s: float = 3.0
     # How long images stay in the results stream for `imagebus job fetch`.
-    results_ttl_s: float = field(default_factory=lambda: env_float("IMAGEBUS_RESULTS_TTL", 86400.0))
-    max_concurrent_jobs: int = field(
-        default_factory=lambda: env_int("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024)
-    )
+    results_ttl_s: float = 86400.0
+    max_concurrent_jobs: int = 1024
     # Records waiting for PostgreSQL (it is down, say) beyond which no new request is
     # taken: they wait in the stream instead of in this process's memory.
-    max_record_backlog: int = field(
-        default_factory=lambda: env_int("IMAGEBUS_MAX_RECORD_BACKLOG", 50_000)
-    )
+    max_record_backlog: int = 50_000
+
+    @classmethod
+    def from_env(
+        cls, env: Environment | Mapping[str, str] | None = None, **overrides: Any
+    ) -> OrchestratorSettings:
+        """`database_url` from IMAGEBUS_DATABASE_URL (required); `bus` from BusSettings's."""
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        database_url = given.pop("database_url", None) or database_url_from_env(e)
+        if not database_url:
+            raise ConfigError("IMAGEBUS_DATABASE_URL", "a PostgreSQL URL is required")
+        read = cls(
+            database_url=database_url,
+            bus=given.pop("bus", None) or BusSettings.from_env(e),
+            limits=given.pop("limits", None) or limits_from_env(e),
+            max_attempts=e.integer("IMAGEBUS_MAX_ATTEMPTS", 10, minimum=1),
+            recruit_timeout_s=e.number("IMAGEBUS_RECRUIT_TIMEOUT", 1.0, minimum=0.0),
+            queue_timeout_s=e.number("IMAGEBUS_QUEUE_TIMEOUT", 600.0, minimum=0.0),
+            task_timeout_s=e.number("IMAGEBUS_TASK_TIMEOUT", 600.0, minimum=0.0),
+            heartbeat_timeout_s=e.number("IMAGEBUS_HEARTBEAT_TIMEOUT", 5.0, minimum=0.0),
+            max_reassignments=e.integer("IMAGEBUS_MAX_REASSIGNMENTS", 3, minimum=0),
+            intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 30.0, minimum=0.0),
+            intake_max_deliver=e.integer("IMAGEBUS_INTAKE_MAX_DELIVER", 20, minimum=1),
+            intake_max_age_s=e.number("IMAGEBUS_INTAKE_MAX_AGE", 86400.0, minimum=0.0),
+            results_ttl_s=e.number("IMAGEBUS_RESULTS_TTL", 86400.0, minimum=0.0),
+            max_concurrent_jobs=e.integer("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024, minimum=1),
+            max_record_backlog=e.integer("IMAGEBUS_MAX_RECORD_BACKLOG", 50_000, minimum=1),
+        )
+        return replace(read, **given)
+
+
+# Dynamic batching, when neither a flag nor IMAGEBUS_MAX_BATCH says: a GPU gains from
+# batches, a CPU does not.
+GPU_MAX_BATCH = 8
+CPU_MAX_BATCH = 1
+
+
+def default_max_batch(device: str) -> int:
+    return GPU_MAX_BATCH if device.startswith("cuda") else CPU_MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -161,3 +261,70 @@ class WorkerSettings:
     @property
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.model.split(",") if m.strip()]
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Environment | Mapping[str, str] | None = None,
+        *,
+        default_id: Callable[[str], str] | None = None,
+        **overrides: Any,
+    ) -> WorkerSettings:
+        """`max_batch` 0 (or unset) means by device; `slots` 0 (or unset) means max_batch.
+
+        Without a worker id (override or IMAGEBUS_WORKER_ID), `default_id(device)` names
+        it (the CLI passes imagebus.worker.default_worker_id, which settings cannot import).
+        """
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        device = given.pop("device", None) or e.text("IMAGEBUS_DEVICE", "cpu")
+        max_batch = given.pop("max_batch", None)
+        if max_batch is None:
+            max_batch = e.integer("IMAGEBUS_MAX_BATCH", 0, minimum=0)
+        max_batch = max_batch or default_max_batch(device)
+        slots = given.pop("slots", None)
+        if slots is None:
+            slots = e.integer("IMAGEBUS_WORKER_SLOTS", 0, minimum=0)
+        worker_id = given.pop("worker_id", None) or e.optional("IMAGEBUS_WORKER_ID")
+        if not worker_id:
+            if default_id is None:
+                raise ConfigError("IMAGEBUS_WORKER_ID", "a worker id is required")
+            worker_id = default_id(device)
+        read = cls(
+            worker_id=worker_id,
+            model=e.text("IMAGEBUS_MODEL", "tiny"),
+            device=device,
+            bus=given.pop("bus", None) or BusSettings.from_env(e),
+            slots=slots or max_batch,
+            max_batch=max_batch,
+            batch_window_ms=e.number("IMAGEBUS_BATCH_WINDOW_MS", 5.0, minimum=0.0),
+            channels_last=e.flag("IMAGEBUS_CHANNELS_LAST"),
+            compile_unet=e.flag("IMAGEBUS_COMPILE"),
+            torch_threads=e.integer("IMAGEBUS_TORCH_THREADS", 0, minimum=0),
+        )
+        return replace(read, **given)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "console"
+
+    @classmethod
+    def from_env(
+        cls, env: Environment | Mapping[str, str] | None = None, **overrides: Any
+    ) -> LogSettings:
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        read = cls(
+            level=e.text("IMAGEBUS_LOG_LEVEL", "info"),
+            format=e.choice("IMAGEBUS_LOG_FORMAT", "console", LOG_FORMATS),
+        )
+        return replace(read, **given)
+
+
+def imagebus_home_from_env(env: Environment | Mapping[str, str] | None = None) -> str:
+    """Where `imagebus up` keeps its servers' data."""
+    return _environment(env).text("IMAGEBUS_HOME", ".imagebus")

@@ -89,8 +89,36 @@ async def test_worker_refuses_an_id_already_in_use(stack: Stack) -> None:
     assert code == 2 and "already used by a running worker" in stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "words"),
+    [
+        ("orchestrator", "IMAGEBUS_MAX_ATTEMPTS", "ten", "must be an integer, got 'ten'"),
+        ("orchestrator", "IMAGEBUS_DATABASE_URL", "", "a PostgreSQL URL is required"),
+        ("worker", "IMAGEBUS_MAX_BATCH", "-1", "must be at least 0"),
+        ("worker", "IMAGEBUS_CHANNELS_LAST", "yes", "must be 1 (on) or 0 (off)"),
+        ("generate", "IMAGEBUS_NATS_INBOX_PREFIX", "alice", "an inbox prefix is _INBOX"),
+        ("schema", "IMAGEBUS_MAX_WIDTH", "wide", "must be an integer"),
+        ("presets", "IMAGEBUS_LOG_FORMAT", "xml", "must be one of console, json"),
+    ],
+)
+async def test_a_bad_variable_is_a_usage_error_naming_it(
+    command: str, variable: str, value: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    if variable != "IMAGEBUS_DATABASE_URL":
+        monkeypatch.setenv("IMAGEBUS_DATABASE_URL", "postgresql://127.0.0.1:1/none")
+    else:
+        monkeypatch.delenv(variable)
+    args = ["x"] if command == "generate" else []
+    code, _, stderr = await run_cli(command, *args)
+    assert code == 2
+    assert f"imagebus {command}: {variable}: {words}" in stderr
+    assert "Traceback" not in stderr
+
+
 async def test_help_for_every_command() -> None:
-    for command in ["up", "orchestrator", "worker", "request", "generate", "blacklist", "stats"]:
+    commands = ["up", "orchestrator", "worker", "request", "generate", "workers", "stats", "job"]
+    for command in [*commands, "schema", "presets", "blacklist"]:
         code, stdout, _ = await run_cli(command, "--help")
         assert code == 0 and stdout.startswith(f"usage: imagebus {command}")
 

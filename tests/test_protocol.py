@@ -23,9 +23,13 @@ from imagebus.protocol import (
     TaskStatus,
     decode,
     decode_request,
+    dialect_of,
     encode,
+    encode_request,
     events,
+    request_headers,
     results,
+    validate_request,
 )
 from imagebus.protocol import subjects as s
 
@@ -172,3 +176,45 @@ def test_kept_images_reassemble_only_when_whole_and_matching() -> None:
         0: b"small",
         3: png,
     }
+
+
+REQUEST_OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"n": 3, "width": 64, "height": 48, "steps": 4, "guidance": 2.5, "seed": 9},
+    {"negative_prompt": "blur", "model": "tiny", "preset": "tiny", "device": "cuda"},
+    {"min_vram_gb": 8.0, "task_timeout": 30.0, "job_timeout": 60.0, "queue_timeout": 5.0},
+]
+
+
+@pytest.mark.parametrize("options", REQUEST_OPTIONS)
+def test_an_encoded_request_decodes_to_the_request_asked_for(options: dict[str, Any]) -> None:
+    payload = encode_request("a lighthouse", **options)
+    decoded = decode_request(payload, Dialect.NATIVE, LIMITS)
+    requirements = {k: options.pop(k) for k in ("device", "min_vram_gb") if k in options}
+    as_dict = {"prompt": "a lighthouse", **options}
+    if requirements:
+        as_dict["requirements"] = requirements
+    assert decoded == validate_request(as_dict, LIMITS)
+
+
+def test_an_encoded_request_keeps_the_bytes_the_orchestrators_read() -> None:
+    payload = encode_request(["a", "b"], n=2, seed=1, device="cpu", queue_timeout=3.0)
+    # Fields left as None are left out; the others in this order (the prototype's
+    # clients and every orchestrator read this map).
+    expected = {"prompt": ["a", "b"], "n": 2, "seed": 1, "requirements": {"device": "cpu"},
+                "queue_timeout": 3.0}  # fmt: skip
+    assert payload == msgpack.packb(expected, use_bin_type=True)
+    assert decode_request(payload, Dialect.NATIVE, LIMITS).prompts == ["a", "b"]
+
+
+def test_a_request_that_cannot_be_encoded_is_a_request_error() -> None:
+    with pytest.raises(RequestError, match="cannot be encoded"):
+        encode_request("\ud800")  # a lone surrogate is not UTF-8
+    with pytest.raises(RequestError, match="cannot be encoded"):
+        encode_request("x", model=object())  # type: ignore[arg-type]
+
+
+def test_request_headers_name_the_events_inbox_and_the_native_encoding() -> None:
+    headers = request_headers("_INBOX.abc.123")
+    assert headers[s.HEADER_IMAGE_INBOX] == headers[s.HEADER_MSG_ID] == "_INBOX.abc.123"
+    assert dialect_of(headers) is Dialect.NATIVE

@@ -33,6 +33,7 @@ from .messages import (
     WorkerOffer,
 )
 from .presets import PRESETS
+from .request import encode_request, request_headers
 from .schema import request_schema
 from .validation import (
     DEFAULT_GUIDANCE,
@@ -84,8 +85,10 @@ __all__ = [
     "decode_request",
     "dialect_of",
     "encode",
+    "encode_request",
     "events",
     "from_dict",
+    "request_headers",
     "request_schema",
     "results",
     "subjects",

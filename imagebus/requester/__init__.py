@@ -1,13 +1,7 @@
 """The requester role: the Python client, and the CLI's generate and request commands."""
 
-from .client import (
-    GeneratedImage,
-    GenerationFailed,
-    ImageBusClient,
-    ImageBusError,
-    Job,
-    Progress,
-)
+from .client import ImageBusClient
+from .job import GeneratedImage, GenerationFailed, ImageBusError, Job, Progress
 
 __all__ = [
     "GeneratedImage",

@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -32,230 +27,24 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..connections import connect
 from ..protocol import (
-    JobAccepted,
     JobCancel,
-    JobRejected,
     JobStatus,
-    ProtocolError,
-    ResultChunk,
-    TaskAssigned,
-    TaskProgress,
-    TaskResult,
+    RequestError,
     WorkerListing,
     decode,
     encode,
+    encode_request,
     from_dict,
+    request_headers,
     results,
 )
 from ..protocol import subjects as s
 from ..settings import BusSettings
+from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
 
 FINAL_STATES = frozenset({"done", "partial", "failed", "cancelled"})
 _RECORD_LAG_S = 5.0
-
-
-class ImageBusError(Exception):
-    """The request failed as a whole (rejected, or no answer in time)."""
-
-    def __init__(self, message: str, code: str | None = None, field: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.field = field
-
-
-class GenerationFailed(ImageBusError):
-    """Some images could not be made; `images` holds those that were."""
-
-    def __init__(self, images: list[GeneratedImage], failures: list[TaskResult]) -> None:
-        reasons = "; ".join(f"image {f.index}: {f.error}" for f in failures)
-        super().__init__(
-            f"{len(failures)} of {len(images) + len(failures)} images failed: {reasons}"
-        )
-        self.images = images
-        self.failures = failures
-
-
-@dataclass(frozen=True, slots=True)
-class GeneratedImage:
-    job_id: str
-    index: int
-    seed: int
-    png: bytes
-    width: int
-    height: int
-    worker_id: str | None
-    seconds: float
-
-    def save(self, directory: str | Path) -> Path:
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.job_id}-{self.index}-{self.seed}.png"
-        path.write_bytes(self.png)
-        return path
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    index: int
-    step: int
-    steps: int
-    worker_id: str
-
-    @property
-    def fraction(self) -> float:
-        return self.step / self.steps if self.steps else 1.0
-
-
-ProgressCallback = Callable[[Progress], None]
-AssignedCallback = Callable[[int, str], None]
-
-
-@dataclass
-class Job:
-    """A submitted request: its events arrive here until every image is in."""
-
-    inbox: str
-    n: int
-    job_id: str | None = None
-    seeds: list[int] = field(default_factory=list)
-    workers: dict[int, str] = field(default_factory=dict)
-    results: dict[int, TaskResult] = field(default_factory=dict)
-    _chunks: dict[int, list[bytes]] = field(default_factory=dict)
-    duplicates: int = 0
-    on_progress: ProgressCallback | None = None
-    on_assigned: AssignedCallback | None = None
-    _rejection: JobRejected | None = None
-    _done: asyncio.Event = field(default_factory=asyncio.Event)
-    _accepted: asyncio.Event = field(default_factory=asyncio.Event)
-    _release: Callable[[], None] | None = None  # stops routing this job's events here
-    _nc: Client | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def accepted(self, timeout: float | None = 10.0) -> str:
-        """The job id, once an orchestrator has accepted the request."""
-        try:
-            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
-                await self._accepted.wait()
-        except TimeoutError:
-            raise ImageBusError("the job was not accepted in time", "not_accepted") from None
-        assert self.job_id is not None
-        return self.job_id
-
-    async def cancel(self) -> None:
-        """Ask for the job to stop: queued images are dropped, running ones stop at
-        their next step, and each unfinished image is answered as cancelled. A job not
-        accepted yet (its request still waits in the stream) is named by its inbox: the
-        orchestrators running now answer it as cancelled when they come to serve it."""
-        cancel = JobCancel(self.job_id) if self.job_id else JobCancel("", inbox=self.inbox)
-        if self._nc is not None:
-            await self._nc.publish(s.CANCEL_SUBJECT, encode(cancel))
-
-    async def wait(self, timeout: float | None = None) -> list[GeneratedImage]:
-        """All images, in index order. Raises GenerationFailed if any failed."""
-        try:
-            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
-                await self._done.wait()
-        except TimeoutError:
-            missing = sorted(set(range(self.n)) - set(self.results))
-            raise ImageBusError(
-                f"timed out after {timeout:g}s waiting for images {missing}", code="client_timeout"
-            ) from None
-        finally:
-            await self._unsubscribe()
-        if self._rejection is not None:
-            r = self._rejection
-            raise ImageBusError(f"request rejected: {r.error}", code=r.code, field=r.field)
-        images = [self._image(r) for _, r in sorted(self.results.items()) if r.ok]
-        failures = [r for _, r in sorted(self.results.items()) if not r.ok]
-        if failures:
-            raise GenerationFailed(images, failures)
-        return images
-
-    def _image(self, result: TaskResult) -> GeneratedImage:
-        assert result.png is not None
-        return GeneratedImage(
-            job_id=result.job_id,
-            index=result.index,
-            seed=result.seed,
-            png=result.png,
-            width=result.width,
-            height=result.height,
-            worker_id=result.worker_id,
-            seconds=result.seconds,
-        )
-
-    async def _on_event(self, msg: Msg) -> None:
-        event = msg.subject[len(self.inbox) + 1 :]
-        try:
-            if event == s.EVENT_PROGRESS:
-                if self.on_progress is None:
-                    return  # nobody follows this job's progress: no need to decode it
-                progress = decode(TaskProgress, msg.data)
-                if progress.index not in self.results:
-                    self.on_progress(
-                        Progress(progress.index, progress.step, progress.steps, progress.worker_id)
-                    )
-            elif event == s.EVENT_CHUNK:
-                chunk = decode(ResultChunk, msg.data)
-                if chunk.index in self.results:
-                    return  # a re-sent copy of an image already complete
-                parts = self._chunks.setdefault(chunk.index, [])
-                if chunk.seq == 0:
-                    parts.clear()  # a new delivery of this image starts
-                if chunk.seq == len(parts):
-                    parts.append(chunk.data)
-            elif event == s.EVENT_RESULT:
-                result = decode(TaskResult, msg.data)
-                if msg.reply and self._nc is not None:
-                    await self._nc.publish(msg.reply, b"")  # confirm receipt to the worker
-                if result.index in self.results or not 0 <= result.index < self.n:
-                    self.duplicates += 1  # exactly one result per image: the first wins
-                    return
-                if result.chunks:
-                    result = self._reassemble(result)
-                if result.ok and result.png is None:
-                    raise ProtocolError("successful result without an image")
-                self.results[result.index] = result
-                if len(self.results) == self.n:
-                    self._done.set()
-            elif event == s.EVENT_ASSIGNED:
-                assigned = decode(TaskAssigned, msg.data)
-                self.workers[assigned.index] = assigned.worker_id
-                if self.on_assigned:
-                    self.on_assigned(assigned.index, assigned.worker_id)
-            elif event == s.EVENT_ACCEPTED:
-                accepted = decode(JobAccepted, msg.data)
-                self.job_id, self.seeds, self.n = accepted.job_id, accepted.seeds, accepted.n
-                self._accepted.set()
-            elif event == s.EVENT_REJECTED:
-                self._rejection = decode(JobRejected, msg.data)
-                self._done.set()
-        except ProtocolError:
-            pass  # not ours to crash on; a bad event simply does not count
-
-    def _reassemble(self, head: TaskResult) -> TaskResult:
-        parts = self._chunks.pop(head.index, [])
-        png = b"".join(parts)
-        if (
-            len(parts) != head.chunks
-            or len(png) != head.size
-            or hashlib.sha256(png).hexdigest() != head.sha256
-        ):
-            return dataclasses.replace(
-                head,
-                ok=False,
-                error=f"image arrived incomplete ({len(png)} of {head.size} bytes) or corrupted",
-                code="corrupted_result",
-            )
-        return dataclasses.replace(head, png=png)
-
-    async def _unsubscribe(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+_STORE_TIMEOUT_S = 5.0
 
 
 class ImageBusClient:
@@ -266,12 +55,14 @@ class ImageBusClient:
         creds_file: str | None = None,
         inbox_prefix: str | None = None,
         connect_wait_s: float = 5.0,
+        bus: BusSettings | None = None,
     ) -> None:
-        base = BusSettings()
-        self.bus = BusSettings(
-            nats_url or base.nats_url,
-            creds_file or base.creds_file,
-            inbox_prefix or base.inbox_prefix,
+        """Connect to `bus` if given (the CLI builds it); else the arguments given win
+        over IMAGEBUS_NATS_URL, IMAGEBUS_NATS_CREDS and IMAGEBUS_NATS_INBOX_PREFIX."""
+        if bus is not None and (nats_url or creds_file or inbox_prefix):
+            raise TypeError("pass either `bus` or nats_url/creds_file/inbox_prefix, not both")
+        self.bus = bus or BusSettings.from_env(
+            nats_url=nats_url, creds_file=creds_file, inbox_prefix=inbox_prefix
         )
         self.connect_wait_s = connect_wait_s
         self.nc: Client | None = None
@@ -324,57 +115,54 @@ class ImageBusClient:
         """
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` before submitting")
-        requirements = {"device": device, "min_vram_gb": min_vram_gb}
-        fields = {
-            "n": n,
-            "width": width,
-            "height": height,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": seed,
-            "negative_prompt": negative_prompt,
-            "model": model,
-            "preset": preset,
-            "requirements": {k: v for k, v in requirements.items() if v is not None} or None,
-            "task_timeout": task_timeout,
-            "job_timeout": job_timeout,
-            "queue_timeout": queue_timeout,
-        }
-        body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+        try:
+            payload = encode_request(
+                prompt, n=n, width=width, height=height, steps=steps, guidance=guidance,
+                seed=seed, negative_prompt=negative_prompt, model=model, preset=preset,
+                device=device, min_vram_gb=min_vram_gb, task_timeout=task_timeout,
+                job_timeout=job_timeout, queue_timeout=queue_timeout,
+            )  # fmt: skip
+        except RequestError as exc:
+            raise ImageBusError(str(exc), "invalid_request") from None
         expected = n or (len(prompt) if isinstance(prompt, list) else 1)
+        job = await self._new_job(expected, on_progress, on_assigned)
+        try:
+            await self._store_request(job.inbox, payload)
+        except ImageBusError:
+            await job._unsubscribe()
+            raise
+        return job
+
+    async def _new_job(
+        self, n: int, on_progress: ProgressCallback | None, on_assigned: AssignedCallback | None
+    ) -> Job:
+        """A Job whose events, under its own token of this client's inbox, are routed to it."""
         token = uuid.uuid4().hex
         inbox = f"{await self._events_inbox()}.{token}"
-        job = Job(
-            inbox=inbox, n=expected, on_progress=on_progress, on_assigned=on_assigned, _nc=self.nc
-        )
+        job = Job(inbox=inbox, n=n, on_progress=on_progress, on_assigned=on_assigned, _nc=self.nc)
         self._jobs[token] = job
 
         def release() -> None:
             self._jobs.pop(token, None)
 
         job._release = release
-        # A request/reply to the intake stream: JetStream's ack means it is stored and
-        # will be served even if no orchestrator runs right now.
-        headers = {
-            s.HEADER_IMAGE_INBOX: inbox,
-            s.HEADER_CONTENT_TYPE: s.MSGPACK_CONTENT_TYPE,
-            s.HEADER_MSG_ID: inbox,
-        }
+        return job
+
+    async def _store_request(self, inbox: str, payload: bytes) -> None:
+        """A request/reply to the intake stream: JetStream's ack means it is stored and
+        will be served even if no orchestrator runs right now."""
+        assert self.nc is not None
+        headers = request_headers(inbox)
         try:
-            payload = msgpack.packb(body, use_bin_type=True)
-        except (UnicodeEncodeError, TypeError, ValueError) as exc:
-            await job._unsubscribe()
-            raise ImageBusError(f"request cannot be encoded: {exc}", "invalid_request") from None
-        try:
-            ack = await self.nc.request(s.REQUEST_SUBJECT, payload, 5.0, headers=headers)
+            ack = await self.nc.request(
+                s.REQUEST_SUBJECT, payload, _STORE_TIMEOUT_S, headers=headers
+            )
         except NoRespondersError:
-            await job._unsubscribe()
             raise ImageBusError(
                 "no orchestrator has set up the request stream on this bus; is one running?",
                 code="no_orchestrator",
             ) from None
         except (TimeoutError, NatsTimeoutError):
-            await job._unsubscribe()
             raise ImageBusError(
                 "the request stream did not confirm the request within 5 s (on a server with "
                 "per-user permissions: is --inbox-prefix / IMAGEBUS_NATS_INBOX_PREFIX an inbox "
@@ -382,11 +170,9 @@ class ImageBusClient:
                 "not_stored",
             ) from None
         if b'"error"' in ack.data:
-            await job._unsubscribe()
             raise ImageBusError(
                 f"the request stream refused the request: {ack.data!r}", "not_stored"
             )
-        return job
 
     async def _events_inbox(self) -> str:
         assert self.nc is not None

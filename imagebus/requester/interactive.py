@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 
 from ..protocol import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
-from .client import ImageBusClient, ImageBusError
+from .client import ImageBusClient
+from .job import ImageBusError
 from .session import generate_and_save
 
 

@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from .client import Progress
+from .job import Progress
 
 
 class ProgressBars:

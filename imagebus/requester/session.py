@@ -9,12 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol import DEFAULT_STEPS
-from .client import GeneratedImage, GenerationFailed, ImageBusClient, ImageBusError, Job
+from .client import ImageBusClient
+from .job import GeneratedImage, GenerationFailed, ImageBusError, Job
 from .progress import ProgressBars
 
 
 @dataclass
-class Outcome:
+class RequestOutcome:
+    """What became of one request: the images that came, where they were saved, and
+    a line per image that did not."""
+
     images: list[GeneratedImage] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -35,11 +39,11 @@ async def generate_and_save(
     show_progress: bool | None = None,
     on_job_id: Callable[[str], None] | None = None,
     **options: object,
-) -> Outcome:
+) -> RequestOutcome:
     # The bars learn the real counts from the events; these are first guesses.
     bars = ProgressBars(n or 1, steps or DEFAULT_STEPS, enabled=show_progress)
     images: list[GeneratedImage]
-    outcome = Outcome()
+    outcome = RequestOutcome()
     try:
         job = await client.submit(
             prompt,
