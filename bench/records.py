@@ -24,6 +24,7 @@ import psutil
 
 from imagebus.db import AttemptRecord, Database, JobRow, Record, TaskUpdate
 from imagebus.embedded import Postgres
+from imagebus.protocol import TaskState
 
 from .run import _tree_cpu, postgres_pid
 
@@ -31,7 +32,7 @@ from .run import _tree_cpu, postgres_pid
 def _ending(job_id: str, worker_id: str, now: datetime) -> list[Record]:
     return [
         AttemptRecord(job_id, 0, 1, worker_id, "done", now, now),
-        TaskUpdate(job_id, 0, "done", worker_id, finished_at=now, seconds=0.001),
+        TaskUpdate(job_id, 0, TaskState.DONE, worker_id, finished_at=now, seconds=0.001),
     ]
 
 
@@ -42,7 +43,9 @@ def _batch(number: int, jobs: int) -> list[Record]:
         job_id, worker_id = f"job-{number}-{i}", f"worker-{i % 16}"
         records += [
             JobRow(job_id, "o", "native", "_INBOX.x", "p", None, None, 64, 64, 2, 7.5, 1, now, [i]),
-            TaskUpdate(job_id, 0, "running", worker_id, recruit_attempts=1, assigned_at=now),
+            TaskUpdate(
+                job_id, 0, TaskState.RUNNING, worker_id, recruit_attempts=1, assigned_at=now
+            ),
         ]
         if i % 2 == 0:
             records += _ending(job_id, worker_id, now)

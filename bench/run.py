@@ -35,6 +35,7 @@ from nats.aio.client import Client
 
 from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.protocol import WorkerAdvert
+from imagebus.protocol.control import OrchestratorStats
 from imagebus.requester import ImageBusClient
 
 from .floor import floor_latencies
@@ -212,13 +213,13 @@ async def dispatch_latencies(
     return to_start, to_result, round_trips
 
 
-async def orchestrator_stats(url: str, *, reset: bool = False) -> dict[str, Any]:
+async def orchestrator_stats(url: str, *, reset: bool = False) -> OrchestratorStats:
+    """One orchestrator's figures (each resets its loop-lag figures with `reset`)."""
     async with ImageBusClient(url) as client:
-        assert client.nc is not None
-        reply = await client.nc.request(
-            "imagebus.orchestrators.stats", b"reset" if reset else b"", timeout=5
-        )
-    return dict(json.loads(reply.data))
+        answers = await client.orchestrator_stats(reset=reset)
+    if not answers:
+        raise RuntimeError("no orchestrator answered")
+    return answers[0]
 
 
 @dataclass
@@ -383,13 +384,13 @@ def throughput_section(
                 for _ in range(THROUGHPUT_TRIES)
             ]
             costs = meter.per_job(jobs * THROUGHPUT_TRIES)
-            lag = asyncio.run(orchestrator_stats(url))["loop_lag"]
+            lag = asyncio.run(orchestrator_stats(url)).loop_lag
         rates[count] = statistics.median(tries)
         each = ", ".join(f"{rate:.0f}" for rate in tries)
         cpu = " / ".join(f"{costs[k]:.2f}" for k in CostMeter.PARTS)
         report.add(
-            f"| {count} | {rates[count]:.0f} ({each}) | {lag['p50_ms']:.1f} / "
-            f"{lag['p99_ms']:.1f} / {lag['max_ms']:.1f} | {cpu} (total {costs['total']:.2f}) | "
+            f"| {count} | {rates[count]:.0f} ({each}) | {lag.p50_ms:.1f} / "
+            f"{lag.p99_ms:.1f} / {lag.max_ms:.1f} | {cpu} (total {costs['total']:.2f}) | "
             f"{costs['messages']:.1f} |"
         )
     report.add("")

@@ -55,20 +55,25 @@ async def test_generate_exit_codes(stack: Stack, tmp_path: Path) -> None:
     assert code == 2 and "an inbox prefix is _INBOX or _INBOX.<name>" in stderr
 
 
-async def test_blacklist_commands(database_url: str) -> None:
-    db = ["--database-url", database_url]
-    code, stdout, _ = await run_cli("blacklist", "list", *db)
+async def test_blacklist_commands_go_through_the_orchestrators(stack: Stack) -> None:
+    bus = ["--nats-url", stack.nats_url]
+    code, _, stderr = await run_cli("blacklist", "list", *bus)
+    assert code == 3 and "no orchestrator" in stderr  # none running yet: nothing to ask
+    await stack.start_orchestrator()
+    code, stdout, _ = await run_cli("blacklist", "list", *bus)
     assert code == 0 and stdout.startswith("blacklisted-worker\t")
-    code, stdout, _ = await run_cli("blacklist", "add", "rogue-7", "--reason", "bad images", *db)
+    code, stdout, _ = await run_cli("blacklist", "add", "rogue-7", "--reason", "bad images", *bus)
     assert code == 0 and "rogue-7 blacklisted" in stdout
-    code, stdout, _ = await run_cli("blacklist", "list", *db)
+    code, stdout, _ = await run_cli("blacklist", "list", *bus)
     assert "rogue-7\t" in stdout and "bad images" in stdout
-    code, stdout, _ = await run_cli("blacklist", "remove", "rogue-7", *db)
+    code, stdout, _ = await run_cli("blacklist", "remove", "rogue-7", *bus)
     assert code == 0
-    code, _, stderr = await run_cli("blacklist", "remove", "rogue-7", *db)
+    code, _, stderr = await run_cli("blacklist", "remove", "rogue-7", *bus)
     assert code == 1 and "not blacklisted" in stderr
-    code, _, stderr = await run_cli("blacklist", "add", *db)
+    code, _, stderr = await run_cli("blacklist", "add", *bus)
     assert code == 2 and "worker id is required" in stderr
+    code, _, stderr = await run_cli("blacklist", "add", "not a valid id!", *bus)
+    assert code == 2 and "Traceback" not in stderr
 
 
 async def test_worker_with_unavailable_model_fails_with_a_clear_message(nats_url: str) -> None:

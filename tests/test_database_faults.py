@@ -34,8 +34,8 @@ async def test_postgres_restart_mid_run_loses_no_record(
             await asyncio.to_thread(postgres.stop)
             # Postgres is down: requests are still served, records wait in memory.
             during = await client.generate("during", n=4, width=64, height=64, steps=2)
-            assert orchestrator.recorder is not None
-            assert orchestrator.recorder.backlog > 0
+            (stats,) = await client.orchestrator_stats()
+            assert stats.records_not_yet_written > 0
             postgres = await asyncio.to_thread(Postgres(tmp_path / "pg").start)
             after = await client.generate("after", n=2, width=64, height=64, steps=2)
         assert await orchestrator.settle(SETTLE_S)
@@ -86,9 +86,9 @@ async def test_a_long_postgres_outage_pauses_the_intake_and_loses_nothing(
             waiting = [await client.submit(f"queued {i}", **size) for i in range(4)]
             await asyncio.sleep(7.0)  # past the standing pull requests' expiry (5 s)
             assert sum(job.done for job in waiting) <= 2
-            assert orchestrator.recorder.backlog <= 10 + 2 * 4
-            stats = await client.orchestrator_stats()
-            assert stats[0]["taking_no_requests_because"] is not None
+            (stats,) = await client.orchestrator_stats()
+            assert stats.records_not_yet_written <= 10 + 2 * 4
+            assert "IMAGEBUS_MAX_RECORD_BACKLOG" in str(stats.taking_no_requests_because)
 
             postgres = await asyncio.to_thread(Postgres(tmp_path / "pg").start)
             for job in waiting:  # the backlog is written, and the intake takes them again

@@ -59,7 +59,10 @@ async def test_one_prompt_per_replica(stack: Stack) -> None:
 async def _warm(stack: Stack, workers: int) -> None:
     """Wait until the orchestrator's registry has heard every worker and is warm."""
     orchestrator = stack.orchestrators[0]
-    await eventually(lambda: len(orchestrator.registry.live()) >= workers, timeout=5.0)
+    async with ImageBusClient(stack.nats_url) as client:
+        deadline = time.monotonic() + 5.0
+        while len(await client.workers()) < workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
     await asyncio.sleep(orchestrator.settings.registry_warm_s)
 
 
@@ -312,7 +315,7 @@ async def test_a_lone_fitting_worker_among_unfit_ones_is_found(stack: Stack) -> 
 
 
 def test_cancelled_inboxes_are_kept_for_their_ttl_and_at_most_their_limit() -> None:
-    from imagebus.orchestrator.service import CancelledInboxes
+    from imagebus.orchestrator.jobs import CancelledInboxes
 
     kept = CancelledInboxes(ttl_s=0.2, limit=3)
     for i in range(5):

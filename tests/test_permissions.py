@@ -10,8 +10,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from imagebus.db import Database
 from imagebus.embedded import NatsServer, free_port
 from imagebus.orchestrator import Orchestrator
+from imagebus.protocol import control, encode
 from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
@@ -25,6 +27,7 @@ PASSWORDS = {
     "orchestrator": ("IMAGEBUS_ORCHESTRATOR_PASSWORD", "orchestrator-secret"),
     "gpu-1": ("IMAGEBUS_WORKER_GPU_1_PASSWORD", "worker-secret"),
     "alice": ("IMAGEBUS_REQUESTER_ALICE_PASSWORD", "requester-secret"),
+    "admin": ("IMAGEBUS_ADMIN_PASSWORD", "admin-secret"),
 }
 
 
@@ -119,6 +122,9 @@ async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
         assert await _refused(alice, alice_errors, 'Subscription to "imagebus.worker.gpu-1.assign"')
         await alice.publish(s.INTAKE_PULL_SUBJECT, b'{"batch": 1}', reply="_INBOX.alice.x")
         assert await _refused(alice, alice_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
+        # Nor does it administer: only admins (and orchestrators) may.
+        await alice.publish(s.ADMIN_BLACKLIST_SUBJECT, b"", reply="_INBOX.alice.x")
+        assert await _refused(alice, alice_errors, f'Publish to "{s.ADMIN_BLACKLIST_SUBJECT}"')
         # A worker takes no other worker's assignments and reads no requester's inbox.
         others = s.worker_assign_subject("gpu-2")
         await worker.subscribe(others)
@@ -129,6 +135,8 @@ async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
         assert await _refused(worker, worker_errors, f'Subscription to "{s.REQUEST_SUBJECT}"')
         await worker.publish(s.INTAKE_PULL_SUBJECT, b'{"batch": 1}', reply="_INBOX.gpu-1.x")
         assert await _refused(worker, worker_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
+        await worker.publish(s.ADMIN_BLACKLIST_SUBJECT, b"", reply="_INBOX.gpu-1.x")
+        assert await _refused(worker, worker_errors, f'Publish to "{s.ADMIN_BLACKLIST_SUBJECT}"')
     finally:
         await alice.close()
         await worker.close()
@@ -152,3 +160,58 @@ async def test_a_requester_outside_its_inbox_prefix_gets_a_clear_error(
                 await client.submit("lost?", width=64, height=64, steps=2)
     finally:
         await orchestrator.stop(grace_s=5)
+
+
+async def test_an_admin_manages_the_blacklist_over_the_bus(
+    server: NatsServer, database_url: str
+) -> None:
+    orchestrator = Orchestrator(
+        OrchestratorSettings(database_url, bus=BusSettings(url(server, "orchestrator"), None))
+    )
+    await orchestrator.start()
+    try:
+        async with ImageBusClient(url(server, "admin"), inbox_prefix="_INBOX.admin") as admin:
+            assert [e.worker_id for e in await admin.blacklist()] == ["blacklisted-worker"]
+            assert await admin.blacklist_add("rogue-7", "bad images") is True
+            # In force at once on the orchestrator that was asked.
+            assert orchestrator.blacklist is not None and "rogue-7" in orchestrator.blacklist
+            assert await admin.blacklist_add("rogue-7", "very bad images") is False  # again
+            (rogue,) = [e for e in await admin.blacklist() if e.worker_id == "rogue-7"]
+            assert rogue.reason == "very bad images" and rogue.added_at.startswith("20")
+            assert await admin.blacklist_remove("rogue-7") is True
+            assert await admin.blacklist_remove("rogue-7") is False  # not blacklisted now
+            assert await admin.blacklist_remove("never-seen") is False
+            assert [e.worker_id for e in await admin.blacklist()] == ["blacklisted-worker"]
+            # Bad input is refused with a reason, and changes nothing.
+            with pytest.raises(ImageBusError, match="not a worker id") as bad_id:
+                await admin.blacklist_add("no spaces allowed")
+            assert bad_id.value.code == "invalid_request"
+            with pytest.raises(ImageBusError, match="longer than") as long_reason:
+                await admin.blacklist_add("rogue-8", "x" * 5000)
+            assert long_reason.value.code == "invalid_request"
+            assert admin.nc is not None
+            for payload in [encode(control.BlacklistCommand("purge")), b"\xc1not msgpack"]:
+                reply = await admin.nc.request(s.ADMIN_BLACKLIST_SUBJECT, payload, timeout=5)
+                answer = control.read_answer(control.BlacklistAnswer, reply.data, reply.headers)
+                assert isinstance(answer, control.ControlError), payload
+                assert answer.code == "invalid_request"
+            assert [e.worker_id for e in await admin.blacklist()] == ["blacklisted-worker"]
+            # An admin may ask what a requester asks, too.
+            assert len(await admin.orchestrator_stats()) == 1
+        # A requester may not: the server refuses its request, so nobody answers.
+        async with ImageBusClient(url(server, "alice"), inbox_prefix="_INBOX.alice") as alice:
+            with pytest.raises(ImageBusError, match="no orchestrator answered"):
+                await alice.blacklist_add("rogue-9")
+    finally:
+        await orchestrator.stop(grace_s=5)
+    assert not await _blacklisted_in_db(database_url, "rogue-9")
+    assert [v for v in violations(server) if "imagebus.admin" not in v] == []
+    assert len(violations(server)) == 1  # alice's attempt, and only that
+
+
+async def _blacklisted_in_db(database_url: str, worker_id: str) -> bool:
+    db = await Database.connect(database_url)
+    try:
+        return worker_id in await db.blacklisted_ids()
+    finally:
+        await db.close()

@@ -218,3 +218,27 @@ def test_request_headers_name_the_events_inbox_and_the_native_encoding() -> None
     headers = request_headers("_INBOX.abc.123")
     assert headers[s.HEADER_IMAGE_INBOX] == headers[s.HEADER_MSG_ID] == "_INBOX.abc.123"
     assert dialect_of(headers) is Dialect.NATIVE
+
+
+def test_control_answers_round_trip_and_errors_are_told_apart() -> None:
+    from imagebus.protocol import control
+
+    lag = control.LoopLagSummary(0.1, 0.5, 2.0, 40)
+    stats = control.OrchestratorStats("o-1", 1, 2, 0, 9, 3, None, 4, lag)
+    schema = control.SchemaAnswer({"type": "object", "properties": {"n": {"minimum": 1}}})
+    for answer in [stats, schema, control.OrchestratorPong("o-1"), control.BlacklistAnswer()]:
+        assert control.read_answer(type(answer), encode(answer), None) == answer
+    payload, headers = control.error_answer(control.ControlErrorCode.NOT_FOUND, "no job 'x'")
+    error = control.read_answer(JobStatus, payload, headers)
+    assert error == control.ControlError("not_found", "no job 'x'")
+    # An error from an older orchestrator (a text body) still reads as one.
+    assert control.read_answer(JobStatus, b"gone", headers) == control.ControlError(
+        "not_found", "gone"
+    )
+    with pytest.raises(ProtocolError):  # a schema must be a map
+        decode(control.SchemaAnswer, msgpack.packb({"schema": [1, 2]}))
+    # A query with nothing to say may come empty: it has its defaults.
+    assert control.read_query(control.StatsQuery, b"") == control.StatsQuery(reset=False)
+    assert control.read_query(control.StatsQuery, control.query_payload()) == control.StatsQuery()
+    reset = control.query_payload(control.StatsQuery(reset=True))
+    assert control.read_query(control.StatsQuery, reset).reset

@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from imagebus.db import AttemptRecord, Database, JobRow, TaskUpdate
-from imagebus.db.store import Record
+from imagebus.db import AttemptRecord, Database, JobRow, Record, TaskUpdate
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

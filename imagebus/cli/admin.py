@@ -19,7 +19,6 @@ from .common import (
     Commands,
     add_bus_options,
     add_command,
-    add_database_option,
     client_from,
     say,
 )
@@ -79,8 +78,13 @@ def add_schema(commands: Commands) -> None:
 
 
 def add_blacklist(commands: Commands) -> None:
-    bl = add_command(commands, "blacklist", cmd_blacklist, help="manage the worker blacklist")
-    add_database_option(bl)
+    bl = add_command(
+        commands,
+        "blacklist",
+        cmd_blacklist,
+        help="manage the worker blacklist (through the orchestrators, over the bus)",
+    )
+    add_bus_options(bl)
     bl.add_argument("action", choices=["add", "remove", "list"])
     bl.add_argument("worker_id", nargs="?")
     bl.add_argument("--reason", default="", help="why (with add)")
@@ -123,7 +127,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         async with client_from(args) as client:
             answers = await client.orchestrator_stats()
         for answer in answers:
-            print(json.dumps(answer))
+            print(json.dumps(dataclasses.asdict(answer)))
         if not answers:
             say("stats", "no orchestrator answered")
             return EXIT_UNAVAILABLE
@@ -204,42 +208,31 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_blacklist(args: argparse.Namespace) -> int:
-    from ..db import Database
-    from ..settings import database_url_from_env
+    """Through the orchestrators over the bus: an operator needs no database credentials
+    (the permissions file lets only the admin user and orchestrators use this subject)."""
+    from ..requester import ImageBusError
 
-    database_url = args.database_url or database_url_from_env()
-    if not database_url:
-        print(
-            "imagebus blacklist: --database-url or IMAGEBUS_DATABASE_URL is required",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     if args.action != "list" and not args.worker_id:
         print(f"imagebus blacklist {args.action}: a worker id is required", file=sys.stderr)
         return EXIT_USAGE
 
     async def run() -> int:
-        db = await Database.connect(database_url)
-        try:
-            await db.migrate()
+        async with client_from(args) as client:
             if args.action == "add":
-                new = await db.add_to_blacklist(args.worker_id, args.reason)
+                new = await client.blacklist_add(args.worker_id, args.reason)
                 print(f"{args.worker_id} {'blacklisted' if new else 'was already blacklisted'}")
             elif args.action == "remove":
-                if not await db.remove_from_blacklist(args.worker_id):
+                if not await client.blacklist_remove(args.worker_id):
                     print(f"{args.worker_id} is not blacklisted", file=sys.stderr)
                     return EXIT_FAILED
                 print(f"{args.worker_id} removed from the blacklist")
             else:
-                for entry in await db.blacklist():
-                    added = entry.added_at.isoformat(timespec="seconds")
-                    print(f"{entry.worker_id}\t{added}\t{entry.reason}")
-            return EXIT_OK
-        finally:
-            await db.close()
+                for entry in await client.blacklist():
+                    print(f"{entry.worker_id}\t{entry.added_at}\t{entry.reason}")
+        return EXIT_OK
 
     try:
         return asyncio.run(run())
-    except OSError as exc:
-        print(f"imagebus blacklist: cannot reach PostgreSQL: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    except ImageBusError as exc:
+        say("blacklist", str(exc))
+        return EXIT_USAGE if exc.code == "invalid_request" else EXIT_UNAVAILABLE

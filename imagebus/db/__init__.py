@@ -1,23 +1,33 @@
-"""PostgreSQL: versioned migrations, job records and the blacklist."""
+"""PostgreSQL: versioned migrations, job records and the blacklist.
 
+The only package that imports asyncpg; everything the orchestrator and the CLI use
+is exported here.
+"""
+
+from .blacklist import BlacklistCache
 from .recorder import JobRecorder
 from .store import (
+    TRANSIENT_ERRORS,
     AttemptRecord,
     BlacklistEntry,
     Database,
     JobRow,
     Record,
     TaskUpdate,
+    fetch_job_status,
     load_migrations,
 )
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "AttemptRecord",
+    "BlacklistCache",
     "BlacklistEntry",
     "Database",
     "JobRecorder",
     "JobRow",
     "Record",
     "TaskUpdate",
+    "fetch_job_status",
     "load_migrations",
 ]

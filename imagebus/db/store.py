@@ -17,6 +17,8 @@ from typing import Any
 
 import asyncpg
 
+from ..protocol import FINAL_TASK_STATES, ErrorCode, JobState, JobStatus, TaskState, TaskStatus
+
 # Errors that mean "Postgres is not reachable right now": retry later, lose nothing.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -77,7 +79,7 @@ class TaskUpdate:
 
     job_id: str
     index: int
-    state: str
+    state: TaskState
     worker_id: str | None = None
     recruit_attempts: int | None = None
     assigned_at: datetime | None = None
@@ -98,7 +100,7 @@ class AttemptRecord:
     index: int
     attempt: int
     worker_id: str
-    outcome: str
+    outcome: str  # how the assignment ended (the orchestrator's AttemptOutcome)
     started_at: datetime
     ended_at: datetime
     error: str | None = None
@@ -231,24 +233,21 @@ def _merge_task_updates(updates: Iterable[TaskUpdate]) -> list[TaskUpdate]:
     return list(merged.values())
 
 
-_FINAL_TASK_STATES = frozenset({"done", "failed"})
-
-
-def _job_state(job: JobRow, folded: dict[tuple[str, int], TaskUpdate]) -> tuple[str, bool]:
+def _job_state(job: JobRow, folded: dict[tuple[str, int], TaskUpdate]) -> tuple[JobState, bool]:
     """A new job's state, and whether it is finished, from its tasks' updates in this
     batch: what _settle_jobs would make of them once inserted."""
     tasks = [folded.get((job.job_id, i)) for i in range(len(job.seeds))]
     if not any(tasks):
-        return "queued", False
-    if not all(t is not None and t.state in _FINAL_TASK_STATES for t in tasks):
-        return "running", False
-    failed = sum(t is not None and t.state == "failed" for t in tasks)
-    cancelled = sum(t is not None and t.error_code == "cancelled" for t in tasks)
+        return JobState.QUEUED, False
+    if not all(t is not None and t.state in FINAL_TASK_STATES for t in tasks):
+        return JobState.RUNNING, False
+    failed = sum(t is not None and t.state == TaskState.FAILED for t in tasks)
+    cancelled = sum(t is not None and t.error_code == ErrorCode.CANCELLED for t in tasks)
     if failed == 0:
-        return "done", True
+        return JobState.DONE, True
     if cancelled == len(tasks):
-        return "cancelled", True
-    return ("failed" if failed == len(tasks) else "partial"), True
+        return JobState.CANCELLED, True
+    return (JobState.FAILED if failed == len(tasks) else JobState.PARTIAL), True
 
 
 async def _insert_jobs(
@@ -336,8 +335,8 @@ async def _count_for_workers(conn: asyncpg.Connection, updates: Sequence[TaskUpd
     done: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     for u in updates:
-        if u.worker_id and u.state in _FINAL_TASK_STATES:
-            (done if u.state == "done" else failed)[u.worker_id] += 1
+        if u.worker_id and u.state in FINAL_TASK_STATES:
+            (done if u.state == TaskState.DONE else failed)[u.worker_id] += 1
     if done or failed:
         await conn.executemany(
             "INSERT INTO workers (worker_id, tasks_done, failures) VALUES ($1, $2, $3)"
@@ -396,10 +395,8 @@ async def _insert_attempts(conn: asyncpg.Connection, attempts: Sequence[AttemptR
     )
 
 
-async def fetch_job_status(
-    db: Database, job_id: str
-) -> tuple[Any, list[Any], dict[int, int]] | None:
-    """The job's row, its task rows and attempts per task; None if unknown."""
+async def fetch_job_status(db: Database, job_id: str) -> JobStatus | None:
+    """The job's status as recorded (no live progress: steps are 0); None if unknown."""
     async with db.pool.acquire() as conn:
         job = await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
         if job is None:
@@ -407,9 +404,33 @@ async def fetch_job_status(
         tasks = await conn.fetch(
             "SELECT * FROM tasks WHERE job_id = $1 ORDER BY task_index", job_id
         )
-        attempts = await conn.fetch(
+        rows = await conn.fetch(
             "SELECT task_index, count(*) AS n FROM task_attempts WHERE job_id = $1"
             " GROUP BY task_index",
             job_id,
         )
-    return job, list(tasks), {r["task_index"]: r["n"] for r in attempts}
+    attempts = {r["task_index"]: r["n"] for r in rows}
+    statuses = [
+        TaskStatus(
+            index=t["task_index"],
+            seed=t["seed"],
+            state=TaskState(t["state"]),
+            worker_id=t["worker_id"],
+            seconds=t["seconds"],
+            error=t["error"],
+            attempts=attempts.get(t["task_index"], 0),
+            steps=job["steps"],
+        )
+        for t in tasks
+    ]
+    return JobStatus(
+        job_id=job_id,
+        state=JobState(job["state"]),
+        n=job["n"],
+        succeeded=sum(t.state == TaskState.DONE for t in statuses),
+        failed=sum(t.state == TaskState.FAILED for t in statuses),
+        prompt=job["prompt"],
+        created_at=job["created_at"].isoformat(),
+        finished_at=job["finished_at"].isoformat() if job["finished_at"] else None,
+        tasks=statuses,
+    )

@@ -3,9 +3,11 @@
 This package is the only place that knows how imagebus talks on NATS.
 """
 
-from . import events, results, subjects
+from . import control, events, results, subjects
 from .codec import ProtocolError, decode, encode, from_dict
 from .messages import (
+    FINAL_JOB_STATES,
+    FINAL_TASK_STATES,
     AssignmentRefused,
     CapacityNotice,
     Dialect,
@@ -15,6 +17,7 @@ from .messages import (
     JobAccepted,
     JobCancel,
     JobRejected,
+    JobState,
     JobStatus,
     OfferReason,
     RecruitCall,
@@ -27,6 +30,7 @@ from .messages import (
     TaskProgress,
     TaskReport,
     TaskResult,
+    TaskState,
     TaskStatus,
     WorkerAdvert,
     WorkerListing,
@@ -52,6 +56,8 @@ __all__ = [
     "DEFAULT_HEIGHT",
     "DEFAULT_STEPS",
     "DEFAULT_WIDTH",
+    "FINAL_JOB_STATES",
+    "FINAL_TASK_STATES",
     "PRESETS",
     "AssignmentRefused",
     "CapacityNotice",
@@ -62,6 +68,7 @@ __all__ = [
     "JobAccepted",
     "JobCancel",
     "JobRejected",
+    "JobState",
     "JobStatus",
     "Limits",
     "OfferReason",
@@ -77,10 +84,12 @@ __all__ = [
     "TaskProgress",
     "TaskReport",
     "TaskResult",
+    "TaskState",
     "TaskStatus",
     "WorkerAdvert",
     "WorkerListing",
     "WorkerOffer",
+    "control",
     "decode",
     "decode_request",
     "dialect_of",

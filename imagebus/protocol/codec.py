@@ -81,6 +81,8 @@ def _converter(hint: Any) -> Converter:
         return _dataclass_converter(typing.cast(type, hint))
     if origin in (list, tuple):
         return _sequence_converter(hint, origin)
+    if origin is dict:  # a free-form document (a JSON Schema): its values are not checked
+        return _instance_of(dict)
     if hint is Any:
         return lambda value, where: value
     if hint is float:

@@ -49,6 +49,30 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+class JobState(StrEnum):
+    """A job's state, as recorded and reported (`imagebus job status`)."""
+
+    QUEUED = "queued"  # accepted, no image assigned yet
+    RUNNING = "running"
+    DONE = "done"  # every image made
+    PARTIAL = "partial"  # some made, some failed
+    FAILED = "failed"  # none made
+    CANCELLED = "cancelled"  # every image cancelled
+
+
+class TaskState(StrEnum):
+    """One image's state. A cancelled image is failed, with error code `cancelled`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL_JOB_STATES = frozenset({JobState.DONE, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED})
+FINAL_TASK_STATES = frozenset({TaskState.DONE, TaskState.FAILED})
+
+
 @dataclass(frozen=True, slots=True)
 class ImageParams:
     """Validated parameters shared by every image of a job."""
@@ -218,7 +242,7 @@ class WorkerListing:
 class TaskStatus:
     index: int
     seed: int
-    state: str
+    state: str  # a TaskState (decoded as its plain string)
     worker_id: str | None = None
     seconds: float | None = None
     error: str | None = None
@@ -230,7 +254,7 @@ class TaskStatus:
 @dataclass(frozen=True, slots=True)
 class JobStatus:
     job_id: str
-    state: str  # queued, running, done, partial, failed, cancelled
+    state: str  # a JobState (decoded as its plain string)
     n: int
     succeeded: int
     failed: int

@@ -33,7 +33,7 @@ INTAKE_PULL_SUBJECT = f"$JS.API.CONSUMER.MSG.NEXT.{INTAKE_STREAM}.{INTAKE_CONSUM
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates requests by this header
 # Any orchestrator answers here (queue group): used to wait until one is up.
 ORCHESTRATOR_PING_SUBJECT = "imagebus.orchestrators.ping"
-# Every orchestrator answers here (no queue group) with its figures, as JSON.
+# Every orchestrator answers here (no queue group) with its figures.
 ORCHESTRATOR_STATS_SUBJECT = "imagebus.orchestrators.stats"
 # Workers advertise themselves here every few seconds (the worker registry).
 WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
@@ -42,6 +42,9 @@ WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
 WORKERS_QUERY_SUBJECT = "imagebus.orchestrators.workers"
 JOB_STATUS_SUBJECT = "imagebus.orchestrators.job-status"
 SCHEMA_SUBJECT = "imagebus.schema"
+# Administration, answered by one orchestrator (queue group); only the orchestrator
+# and admin users may publish here (deploy/nats-permissions.conf). See control.py.
+ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"

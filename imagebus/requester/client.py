@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
-import msgpack
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
@@ -29,18 +27,20 @@ from ..connections import connect
 from ..protocol import (
     JobCancel,
     JobStatus,
+    ProtocolError,
     RequestError,
     WorkerListing,
-    decode,
+    control,
     encode,
     encode_request,
-    from_dict,
     request_headers,
     results,
 )
 from ..protocol import subjects as s
 from ..settings import BusSettings
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
+
+T = TypeVar("T")
 
 FINAL_STATES = frozenset({"done", "partial", "failed", "cancelled"})
 _RECORD_LAG_S = 5.0
@@ -199,24 +199,29 @@ class ImageBusClient:
 
     # --- jobs collected later, the registry, the schema ---------------------------
 
-    async def _ask(self, subject: str, payload: bytes = b"", timeout: float = 5.0) -> Msg:
+    async def _ask(
+        self, subject: str, answer_type: type[T], query: object | None = None, timeout: float = 5.0
+    ) -> T:
+        """Ask one orchestrator; its typed answer, or ImageBusError with its error code."""
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         try:
-            reply = await self.nc.request(subject, payload, timeout=timeout)
+            reply = await self.nc.request(subject, control.query_payload(query), timeout=timeout)
         except (NoRespondersError, NatsTimeoutError, TimeoutError):
             raise ImageBusError(
                 "no orchestrator answered; is one running?", "no_orchestrator"
             ) from None
-        error = (reply.headers or {}).get(s.HEADER_ERROR_CODE)
-        if error:
-            raise ImageBusError(reply.data.decode(errors="replace"), code=error)
-        return reply
+        try:
+            answer = control.read_answer(answer_type, reply.data, reply.headers)
+        except ProtocolError as exc:
+            raise ImageBusError(f"unexpected answer from the orchestrator: {exc}") from None
+        if isinstance(answer, control.ControlError):
+            raise ImageBusError(answer.message, code=answer.code)
+        return answer
 
     async def job_status(self, job_id: str) -> JobStatus:
         """State, per-image progress, workers and timings of a job, by id."""
-        reply = await self._ask(s.JOB_STATUS_SUBJECT, job_id.encode())
-        return decode(JobStatus, reply.data)
+        return await self._ask(s.JOB_STATUS_SUBJECT, JobStatus, control.JobStatusQuery(job_id))
 
     async def cancel_job(self, job_id: str, timeout: float | None = 60.0) -> JobStatus:
         """Stop a job by its id, as `Job.cancel` does (from any process: the one that
@@ -288,34 +293,60 @@ class ImageBusClient:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
         return images
 
-    async def orchestrator_stats(self, wait: float = 0.5) -> list[dict[str, Any]]:
-        """Every running orchestrator's figures (jobs, waiting tasks, event-loop lag)."""
+    async def orchestrator_stats(
+        self, wait: float = 0.5, *, reset: bool = False
+    ) -> list[control.OrchestratorStats]:
+        """Every running orchestrator's figures (jobs, waiting tasks, event-loop lag),
+        as they answer within `wait` seconds. `reset`: each then measures its loop's
+        lag afresh (benchmarks)."""
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         inbox = self.nc.new_inbox()
-        answers: list[dict[str, Any]] = []
+        answers: list[control.OrchestratorStats] = []
 
         async def on_answer(msg: Msg) -> None:
-            with contextlib.suppress(ValueError):
-                answers.append(json.loads(msg.data))
+            with contextlib.suppress(ProtocolError):
+                answer = control.read_answer(control.OrchestratorStats, msg.data, msg.headers)
+                if isinstance(answer, control.OrchestratorStats):
+                    answers.append(answer)
 
         subscription = await self.nc.subscribe(inbox, cb=on_answer)
         try:
-            await self.nc.publish(s.ORCHESTRATOR_STATS_SUBJECT, b"", reply=inbox)
+            query = control.query_payload(control.StatsQuery(reset=reset))
+            await self.nc.publish(s.ORCHESTRATOR_STATS_SUBJECT, query, reply=inbox)
             await asyncio.sleep(wait)
         finally:
             await subscription.unsubscribe()
-        return sorted(answers, key=lambda a: str(a.get("orchestrator_id")))
+        return sorted(answers, key=lambda a: a.orchestrator_id)
 
     async def workers(self) -> list[WorkerListing]:
         """The live worker registry, as one orchestrator sees it."""
-        reply = await self._ask(s.WORKERS_QUERY_SUBJECT)
-        return [from_dict(WorkerListing, item) for item in msgpack.unpackb(reply.data)]
+        return (await self._ask(s.WORKERS_QUERY_SUBJECT, control.WorkerList)).workers
 
     async def schema(self) -> dict[str, Any]:
         """The JSON Schema the orchestrators validate requests with."""
-        reply = await self._ask(s.SCHEMA_SUBJECT)
-        return dict(json.loads(reply.data))
+        return (await self._ask(s.SCHEMA_SUBJECT, control.SchemaAnswer)).schema
+
+    # --- administration (an admin or orchestrator user, on a server with permissions) ---
+
+    async def blacklist(self) -> list[control.BlacklistedWorker]:
+        """The blacklisted workers, oldest entry first."""
+        command = control.BlacklistCommand(control.BlacklistAction.LIST)
+        return (await self._ask_blacklist(command)).entries
+
+    async def blacklist_add(self, worker_id: str, reason: str = "") -> bool:
+        """Never give work to `worker_id` again; False if it was blacklisted already
+        (its reason is updated). Every orchestrator heeds it at once."""
+        command = control.BlacklistCommand(control.BlacklistAction.ADD, worker_id, reason)
+        return (await self._ask_blacklist(command)).changed
+
+    async def blacklist_remove(self, worker_id: str) -> bool:
+        """Trust `worker_id` again; False if it was not blacklisted."""
+        command = control.BlacklistCommand(control.BlacklistAction.REMOVE, worker_id)
+        return (await self._ask_blacklist(command)).changed
+
+    async def _ask_blacklist(self, command: control.BlacklistCommand) -> control.BlacklistAnswer:
+        return await self._ask(s.ADMIN_BLACKLIST_SUBJECT, control.BlacklistAnswer, command)
 
     async def generate(
         self, prompt: str, *, timeout: float | None = 600.0, **options: object

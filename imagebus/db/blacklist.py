@@ -12,9 +12,8 @@ import contextlib
 
 import asyncpg
 
-from ..db import Database
-from ..db.store import TRANSIENT_ERRORS
 from ..logs import get_logger
+from .store import TRANSIENT_ERRORS, Database
 
 
 class BlacklistCache:

@@ -1,0 +1,451 @@
+"""One task's state machine: recruit a worker, assign the task, watch it, settle it.
+
+1. recruit: a slot handed over while the task waited, or a worker the pool view says
+   has room, is assigned directly; otherwise ask `request-worker` (one random worker
+   of the queue group answers) until a willing, non-blacklisted worker offers a
+   reserved slot, at most `max_attempts` asks per round. A round in which some
+   worker was merely busy means the pool is saturated: the task waits for a
+   capacity notice and tries again, up to `queue_timeout_s`. A round that met no
+   worker that could ever take it (none connected, only blacklisted or unfit ones)
+   fails the task.
+2. assign: send the TaskAssignment to that worker's own subject. It takes it
+   silently, or refuses it on the assignment's reply subject.
+3. watch: the worker streams progress and the result straight to the requester and
+   sends a TaskReport here, with heartbeats meanwhile.
+4. settle: each attempt ends in an `AttemptOutcome`; `classify` says what follows
+   (answered, recruit again, re-assign). The task's record is written behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+
+from nats.aio.client import Client
+from structlog.typing import FilteringBoundLogger
+
+from ..db import AttemptRecord, Record, TaskUpdate
+from ..protocol import (
+    AssignmentRefused,
+    ErrorCode,
+    JobCancel,
+    RecruitCall,
+    TaskAssignment,
+    TaskReport,
+    TaskResult,
+    TaskState,
+    WorkerOffer,
+    encode,
+    events,
+)
+from ..protocol import subjects as s
+from ..settings import OrchestratorSettings
+from .capacity import CapacitySignal
+from .jobs import RunningJob
+from .recruit import Recruiter, RecruitRound
+from .registry import Registry
+
+
+class AttemptOutcome(StrEnum):
+    """How one assignment of a task to a worker ended (recorded in task_attempts)."""
+
+    DONE = "done"
+    FAILED = "failed"  # the worker reported an error (already sent to the requester)
+    CANCELLED = "cancelled"
+    REFUSED = "refused"  # the worker refused it, or no worker listened on its subject
+    LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
+    TIMEOUT = "timeout"  # it overran the task timeout
+    LATE = "late"  # a report that came after the task had been re-assigned
+
+
+class Next(Enum):
+    """What follows an attempt."""
+
+    ANSWERED = "answered"  # the requester has the task's final answer
+    RECRUIT_AGAIN = "recruit again"  # the worker never took it: find another
+    REASSIGN = "reassign"  # the worker took it and was lost: give it to another
+
+
+def classify(outcome: AttemptOutcome) -> Next:
+    if outcome in (AttemptOutcome.DONE, AttemptOutcome.FAILED, AttemptOutcome.CANCELLED):
+        return Next.ANSWERED
+    if outcome is AttemptOutcome.REFUSED:
+        return Next.RECRUIT_AGAIN
+    return Next.REASSIGN
+
+
+@dataclass
+class Watch:
+    """An assigned task being watched: its worker's heartbeats and final report (or
+    its refusal of the assignment)."""
+
+    worker_id: str
+    attempt: int  # which assignment of the task this is: a refusal names it
+    report: asyncio.Future[TaskReport | AssignmentRefused]
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """Why a task ends without an image, as the requester and the record are told."""
+
+    error: str
+    code: ErrorCode
+    attempts: int | None = None  # recruitment asks, when they are the story
+    worker_id: str | None = None
+
+
+@dataclass(slots=True)
+class TaskRun:
+    """One task on its way through the state machine."""
+
+    job: RunningJob
+    index: int
+    call: RecruitCall
+    queue_timeout: float
+    deadline: float  # of the current wait for a worker
+    log: FilteringBoundLogger  # bound to the job and the task
+    asks: int = 0  # recruitment asks so far
+    assignments: int = 0  # refused ones included: each is an attempt on record
+    lost: int = 0  # assignments whose worker died or overran
+    tried: set[str] = field(default_factory=set)  # the workers it was assigned to
+    heard_lately: bool = True  # whether the free-slot view can be trusted to say "all busy"
+    handed: str | None = None  # a slot handed to this task while it waited
+    was_in_line: bool = False  # it waited already: if it must wait again, it goes first
+
+
+class Dispatcher:
+    """Runs a job's tasks. It keeps the tasks assigned now in `watches`, by (job id,
+    index), where the orchestrator's callbacks deliver the workers' reports and
+    heartbeats."""
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: OrchestratorSettings,
+        registry: Registry,
+        capacity: CapacitySignal,
+        watches: dict[tuple[str, int], Watch],
+        blacklisted: Callable[[], frozenset[str]],
+        record: Callable[[Record], None],
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.id = settings.orchestrator_id
+        self.registry = registry
+        self.capacity = capacity
+        self._blacklisted = blacklisted
+        self._record = record
+        self._log = log
+        self.watches = watches
+        self.recruiter = Recruiter(
+            nc,
+            registry,
+            blacklisted,
+            max_attempts=settings.max_attempts,
+            recruit_timeout_s=settings.recruit_timeout_s,
+        )
+
+    async def run_job(self, job: RunningJob) -> None:
+        """Run every task of the job until each is answered or the job times out."""
+        try:
+            async with asyncio.timeout(job.request.job_timeout_s):
+                if job.request.n == 1:
+                    await self.run_task(job, 0)  # no task of its own: the common case
+                else:
+                    await asyncio.gather(*(self.run_task(job, i) for i in range(job.request.n)))
+        except TimeoutError:  # the images' coroutines have been cancelled
+            await self._end_job_on_timeout(job)
+
+    async def _end_job_on_timeout(self, job: RunningJob) -> None:
+        """The job timeout struck: keep the images made, fail and stop the rest."""
+        error = f"the job did not finish within its job timeout of {job.request.job_timeout_s:g}s"
+        unanswered = job.request.n - len(job.answered)
+        for index in range(job.request.n):
+            if index not in job.answered:
+                # Quietly stop a worker still on it; the requester hears it from here.
+                await self.publish_cancel(JobCancel(job.job_id, index, "job timeout"))
+                await self.fail_task(job, index, TaskFailure(error, ErrorCode.JOB_TIMEOUT))
+        self._log.warning("job timed out", job_id=job.job_id, unanswered=unanswered)
+
+    async def run_task(self, job: RunningJob, index: int) -> None:
+        """Recruit, assign and watch one image until it is answered, one way or another."""
+        try:
+            await self._dispatch(job, index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still answer the requester, and say so
+            self._log.exception("task crashed", job_id=job.job_id, index=index)
+            if index not in job.answered:
+                failure = TaskFailure(f"internal error: {exc!r}", ErrorCode.INTERNAL)
+                await self.fail_task(job, index, failure)
+
+    async def _dispatch(self, job: RunningJob, index: int) -> None:
+        task = self._start(job, index)
+        unfit = self.registry.unfit_everywhere(task.call, self._blacklisted())
+        if unfit is not None:
+            # No registered worker could ever take it: say so now, not after a wait.
+            task.log.warning("task failed: no fitting worker", error=unfit)
+            await self.fail_task(job, index, TaskFailure(unfit, ErrorCode.NO_FITTING_WORKER))
+            return
+        while True:
+            if job.cancelled:
+                failure = TaskFailure("cancelled by the requester", ErrorCode.CANCELLED)
+                break
+            round_ = await self.recruiter.find_worker(
+                task.call, trust_view=task.heard_lately, handed=task.handed
+            )
+            task.handed = None
+            task.asks += round_.asks
+            if round_.offer is None:
+                found = await self._wait_for_slot(task, round_)
+            else:
+                outcome = await self._attempt(task, round_.offer)
+                if classify(outcome) is Next.ANSWERED:
+                    job.answered.add(index)
+                    return
+                found = self._after_attempt(task, round_.offer, outcome)
+            if found is not None:
+                failure = found
+                break
+        await self.fail_task(job, index, failure)
+
+    def _start(self, job: RunningJob, index: int) -> TaskRun:
+        params = job.request.params
+        requirements = job.request.requirements
+        call = RecruitCall(
+            job_id=job.job_id,
+            index=index,
+            orchestrator_id=self.id,
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            model=params.model,
+            device=requirements.device,
+            min_vram_gb=requirements.min_vram_gb,
+        )
+        queue_timeout = job.request.queue_timeout_s or self.settings.queue_timeout_s
+        log = self._log.bind(job_id=job.job_id, index=index)
+        return TaskRun(job, index, call, queue_timeout, time.monotonic() + queue_timeout, log)
+
+    def _after_attempt(
+        self, task: TaskRun, offer: WorkerOffer, outcome: AttemptOutcome
+    ) -> TaskFailure | None:
+        """After an attempt that left the task unanswered: go on (None), or give up."""
+        if classify(outcome) is Next.RECRUIT_AGAIN:
+            if time.monotonic() < task.deadline:
+                return None  # the worker did not take it: find another
+            error = f"no worker took the image within {task.queue_timeout:g}s"
+            return TaskFailure(error, ErrorCode.QUEUE_TIMEOUT)
+        task.lost += 1
+        if task.lost > self.settings.max_reassignments:
+            error = (
+                f"gave up after {task.lost} workers failed to finish the image "
+                f"(last: {offer.worker_id}, {outcome.value})"
+            )
+            lost = outcome is AttemptOutcome.LOST
+            code = ErrorCode.WORKER_LOST if lost else ErrorCode.TASK_TIMEOUT
+            task.log.warning("task failed", error=error)
+            return TaskFailure(error, code, worker_id=offer.worker_id)
+        task.log.warning("re-assigning task", reason=outcome.value, worker_id=offer.worker_id)
+        task.deadline = time.monotonic() + task.queue_timeout
+        return None
+
+    async def _wait_for_slot(self, task: TaskRun, round_: RecruitRound) -> TaskFailure | None:
+        """After a round that found no worker: wait for a slot (None), or give up."""
+        remaining = task.deadline - time.monotonic()
+        # Wait for a slot if the pool is merely busy, if this task's worker was
+        # lost (its replacement may be restarting right now), or if a fitting
+        # worker is registered but the queue group kept picking unfit ones.
+        worth_waiting = (
+            round_.saturated
+            or task.lost
+            or self.registry.fits_somewhere(task.call, self._blacklisted())
+        )
+        if worth_waiting and remaining > 0:
+            # A wait that no capacity notice ends means the view may be stale (a
+            # notice lost, a worker restarted): the next try asks around instead.
+            task.heard_lately, task.handed = await self.capacity.wait(
+                task.call, min(remaining, 1.0), first=task.was_in_line
+            )
+            task.was_in_line = True
+            return None
+        if worth_waiting:
+            error = f"no worker slot freed up within {task.queue_timeout:g}s"
+            code = ErrorCode.QUEUE_TIMEOUT
+        else:
+            declined = round_.describe()
+            error = f"no worker available after {task.asks} attempts ({declined})"
+            code = ErrorCode.NO_WORKER
+        task.log.warning("task failed: no worker", error=error, attempts=task.asks)
+        return TaskFailure(error, code, attempts=task.asks)
+
+    async def _attempt(self, task: TaskRun, offer: WorkerOffer) -> AttemptOutcome:
+        """Assign the task to `offer`'s worker and watch it until it ends.
+
+        A worker that takes it says nothing (its consent is silent, which saves a
+        message and a round trip per image); one that does not answers on the
+        assignment's reply subject, as does the server if no worker listens there.
+        Taken, it must send a heartbeat at least every `heartbeat_timeout_s` until
+        its report arrives, within `task_timeout_s`.
+        """
+        job = task.job
+        task.assignments += 1
+        task.tried.add(offer.worker_id)
+        key = (job.job_id, task.index)
+        watch = Watch(offer.worker_id, task.assignments, asyncio.get_running_loop().create_future())
+        self.watches[key] = watch  # before assigning: a fast worker may report at once
+        log = task.log.bind(worker_id=offer.worker_id)
+        started_at = datetime.now(UTC)
+        try:
+            await self._assign(task, offer, watch.attempt, started_at)
+            log.info("task assigned", attempts=task.asks, attempt=watch.attempt)
+            timeout = job.request.task_timeout_s or self.settings.task_timeout_s
+            outcome, report = await self._watch(watch, timeout)
+        finally:
+            self.watches.pop(key, None)
+        await self._settle(task, offer, watch.attempt, started_at, outcome, report, log)
+        return outcome
+
+    async def _assign(
+        self, task: TaskRun, offer: WorkerOffer, attempt: int, started_at: datetime
+    ) -> None:
+        job, index = task.job, task.index
+        assignment = TaskAssignment(
+            job_id=job.job_id,
+            index=index,
+            seed=job.seeds[index],
+            params=job.request.params_for(index),
+            reply_inbox=job.inbox,
+            dialect=job.dialect.value,
+            reservation_id=offer.reservation_id or "",
+            report_subject=s.report_subject(self.id),
+            heartbeat_subject=s.heartbeat_subject(self.id),
+        )
+        await self.nc.publish(
+            s.worker_assign_subject(offer.worker_id),
+            encode(assignment),
+            reply=s.refusal_subject(self.id, job.job_id, index, attempt),
+        )
+        self._record(
+            TaskUpdate(
+                job.job_id,
+                index,
+                TaskState.RUNNING,
+                worker_id=offer.worker_id,
+                recruit_attempts=task.asks,
+                assigned_at=started_at,
+            )
+        )
+
+    async def _settle(
+        self,
+        task: TaskRun,
+        offer: WorkerOffer,
+        attempt: int,
+        started_at: datetime,
+        outcome: AttemptOutcome,
+        report: TaskReport | AssignmentRefused | None,
+        log: FilteringBoundLogger,
+    ) -> None:
+        """Record how the attempt ended; stop a worker that was lost or overran."""
+        job_id, index = task.job.job_id, task.index
+        if isinstance(report, AssignmentRefused):
+            # A direct assignment on a stale view is refused now and then: not news.
+            log.log(
+                logging.INFO if offer.reservation_id is None else logging.WARNING,
+                "assignment refused; recruiting again",
+                reason=report.reason,
+            )
+            error: str | None = report.reason
+        elif report is None:
+            error = f"worker {outcome.value}"
+        else:
+            error = report.error if outcome is not AttemptOutcome.DONE else None
+        self._record(
+            AttemptRecord(
+                job_id, index, attempt, offer.worker_id, outcome.value, started_at,
+                datetime.now(UTC), error,
+            )
+        )  # fmt: skip
+        if report is None:
+            # Lost or overran: make sure it stops and frees its slot, then re-assign.
+            await self.publish_cancel(JobCancel(job_id, index, f"re-assigned: {outcome}"))
+        elif isinstance(report, TaskReport):
+            state = TaskState.DONE if report.ok else TaskState.FAILED
+            log.info(
+                "task finished", state=state, seconds=round(report.seconds, 3), error=report.error
+            )
+            self._record(
+                TaskUpdate(
+                    job_id,
+                    index,
+                    state,
+                    worker_id=report.worker_id,
+                    finished_at=datetime.now(UTC),
+                    seconds=report.seconds,
+                    error=report.error,
+                    error_code=report.code,
+                )
+            )
+
+    async def _watch(
+        self, watch: Watch, task_timeout: float
+    ) -> tuple[AttemptOutcome, TaskReport | AssignmentRefused | None]:
+        deadline = time.monotonic() + task_timeout
+        heartbeat_timeout = self.settings.heartbeat_timeout_s
+        while True:
+            check_in = min(heartbeat_timeout / 2, max(deadline - time.monotonic(), 0))
+            try:
+                async with asyncio.timeout(check_in):
+                    report = await asyncio.shield(watch.report)
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= deadline:
+                    return AttemptOutcome.TIMEOUT, None
+                if now - watch.last_heartbeat > heartbeat_timeout:
+                    return AttemptOutcome.LOST, None
+                continue
+            if isinstance(report, AssignmentRefused):
+                return AttemptOutcome.REFUSED, report
+            if report.code == ErrorCode.CANCELLED:
+                return AttemptOutcome.CANCELLED, report
+            return (AttemptOutcome.DONE if report.ok else AttemptOutcome.FAILED), report
+
+    async def fail_task(self, job: RunningJob, index: int, failure: TaskFailure) -> None:
+        """Answer the requester that the image failed, and record it."""
+        job.answered.add(index)
+        result = TaskResult(
+            job_id=job.job_id,
+            index=index,
+            ok=False,
+            seed=job.seeds[index],
+            worker_id=failure.worker_id,
+            error=failure.error,
+            code=failure.code,
+        )
+        out = events.result(job.dialect, job.inbox, result)
+        if out is not None:
+            await self.nc.publish(out.subject, out.payload, headers=out.headers)
+        self._record(
+            TaskUpdate(
+                job.job_id,
+                index,
+                TaskState.FAILED,
+                worker_id=failure.worker_id,
+                recruit_attempts=failure.attempts,
+                finished_at=datetime.now(UTC),
+                error=failure.error,
+                error_code=failure.code,
+            )
+        )
+
+    async def publish_cancel(self, cancel: JobCancel) -> None:
+        await self.nc.publish(s.CANCEL_SUBJECT, encode(cancel))

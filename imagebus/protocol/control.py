@@ -1,0 +1,150 @@
+"""The control plane: questions to the orchestrators and their typed answers.
+
+Every query and answer is a dataclass encoded with the codec (msgpack), like every
+other message. A query with nothing to say may be sent empty. An answer that is an
+error carries the `Imagebus-Error` header (its code) and a `ControlError` body:
+`error_answer` makes one, `read_answer` tells one from the answer expected.
+
+    subject (see subjects.py)          query               answer
+    imagebus.orchestrators.ping        (empty)             OrchestratorPong     (one)
+    imagebus.orchestrators.stats       StatsQuery          OrchestratorStats    (each)
+    imagebus.orchestrators.workers     (empty)             WorkerList           (one)
+    imagebus.orchestrators.job-status  JobStatusQuery      JobStatus            (one)
+    imagebus.schema                    (empty)             SchemaAnswer         (one)
+    imagebus.admin.blacklist           BlacklistCommand    BlacklistAnswer      (one)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from .codec import ProtocolError, decode, encode
+from .messages import WorkerListing
+from .subjects import HEADER_ERROR_CODE
+
+T = TypeVar("T")
+
+
+class ControlErrorCode(StrEnum):
+    NOT_FOUND = "not_found"  # no such job
+    UNAVAILABLE = "unavailable"  # PostgreSQL is unreachable: try again later
+    INVALID_REQUEST = "invalid_request"  # the query itself is wrong
+
+
+@dataclass(frozen=True, slots=True)
+class ControlError:
+    code: str  # a ControlErrorCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorPong:
+    orchestrator_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    reset: bool = False  # benchmarks: measure the event loop's lag from now on
+
+
+@dataclass(frozen=True, slots=True)
+class LoopLagSummary:
+    """The event loop's lag over the last minute (see imagebus/looplag.py)."""
+
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorStats:
+    """One orchestrator's figures, for `imagebus stats` and the benchmarks."""
+
+    orchestrator_id: str
+    jobs_running: int
+    tasks_assigned: int
+    tasks_waiting_for_a_slot: int
+    requests_served: int
+    records_not_yet_written: int
+    taking_no_requests_because: str | None
+    workers_live: int
+    loop_lag: LoopLagSummary
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerList:
+    workers: list[WorkerListing]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaAnswer:
+    schema: dict[str, Any]  # the JSON Schema of a request
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatusQuery:
+    job_id: str
+
+
+class BlacklistAction(StrEnum):
+    LIST = "list"
+    ADD = "add"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class BlacklistCommand:
+    action: str  # a BlacklistAction
+    worker_id: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BlacklistedWorker:
+    worker_id: str
+    reason: str
+    added_at: str  # ISO 8601
+
+
+@dataclass(frozen=True, slots=True)
+class BlacklistAnswer:
+    """The blacklist after the command; `changed`: whether an add or remove changed it
+    (False: the id was blacklisted already, or was not blacklisted)."""
+
+    entries: list[BlacklistedWorker] = field(default_factory=list)
+    changed: bool = False
+
+
+MAX_BLACKLIST_REASON = 1000
+
+
+def query_payload(query: object | None = None) -> bytes:
+    return b"" if query is None else encode(query)
+
+
+def read_query(cls: type[T], payload: bytes) -> T:
+    """A query; an empty payload is the query with its defaults. Raises ProtocolError."""
+    return cls() if not payload else decode(cls, payload)
+
+
+def error_answer(code: str, message: str) -> tuple[bytes, dict[str, str]]:
+    """The payload and headers of an error answer."""
+    return encode(ControlError(code, message)), {HEADER_ERROR_CODE: code}
+
+
+def read_answer(
+    cls: type[T], payload: bytes, headers: Mapping[str, str] | None
+) -> T | ControlError:
+    """The answer expected, or the error the orchestrator answered instead. Raises
+    ProtocolError if it is neither."""
+    code = (headers or {}).get(HEADER_ERROR_CODE)
+    if not code:
+        return decode(cls, payload)
+    try:
+        return decode(ControlError, payload)
+    except ProtocolError:
+        return ControlError(code, payload.decode(errors="replace"))
