@@ -18,8 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..connections import connect
 from ..logs import get_logger
@@ -49,13 +47,10 @@ from ..settings import WorkerSettings
 from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
+from .identity import check_id_unused
 from .outcomes import report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
-
-
-class WorkerIdInUse(RuntimeError):
-    pass
 
 
 class Worker:
@@ -80,7 +75,7 @@ class Worker:
         self.nc: Client | None = None
         self.tasks_done = 0
         self.failures = 0
-        self.slots = Slots(settings.slots)
+        self._slots = Slots(settings.slots)
         self._seconds_total = 0.0
         self._running: dict[tuple[str, int], RunningTask] = {}
         self._runs: dict[asyncio.Task[None], RunningTask] = {}  # for stop()
@@ -110,7 +105,7 @@ class Worker:
         self.loop_lag.start()
         await self._load_engines()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
-        await self._check_id_unused()
+        await check_id_unused(self.nc, self.id)
         self._delivery = Delivery(self.nc, self._log, self._copy_answer_within_s)
         self._subscriptions = [
             await self._delivery.subscribe(),
@@ -183,18 +178,6 @@ class Worker:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._log.info("worker stopped", tasks_done=self.tasks_done, failures=self.failures)
 
-    async def _check_id_unused(self) -> None:
-        assert self.nc is not None
-        try:
-            await self.nc.request(s.worker_ping_subject(self.id), b"", timeout=0.5)
-        except (NoRespondersError, NatsTimeoutError, TimeoutError):
-            return
-        await self.nc.close()
-        raise WorkerIdInUse(
-            f"worker id {self.id!r} is already used by a running worker; "
-            "give each worker its own --worker_id"
-        )
-
     # --- what the worker tells about itself ----------------------------------------
 
     def status(self) -> WorkerStatus:
@@ -203,10 +186,10 @@ class Worker:
         return WorkerStatus(
             state="draining" if self._draining else ("busy" if self._running else "idle"),
             slots=self.settings.slots,
-            free_slots=0 if self._draining else max(self.slots.free, 0),
+            free_slots=0 if self._draining else max(self._slots.free, 0),
             running=len(self._running),
-            generating=self.slots.generating,
-            peak_generating=self.slots.peak_generating,
+            generating=self._slots.generating,
+            peak_generating=self._slots.peak_generating,
             tasks_done=self.tasks_done,
             failures=self.failures,
             batches=batches,
@@ -217,7 +200,7 @@ class Worker:
     def advert(self) -> WorkerAdvert:
         """The advertisement the orchestrators keep in their pool view (it numbers
         its report of free slots, so each call takes the next number)."""
-        self.slots.expire()
+        self._slots.expire()
         status = self.status()
         return WorkerAdvert(
             worker_id=self.id,
@@ -235,7 +218,7 @@ class Worker:
             max_batch=self.settings.max_batch,
             mean_batch=status.mean_batch,
             loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
-            free_seq=self.slots.next_free_seq(),
+            free_seq=self._slots.next_free_seq(),
         )
 
     async def _advertise(self) -> None:
@@ -244,10 +227,10 @@ class Worker:
                 await self.nc.publish(s.WORKER_ADVERT_SUBJECT, encode(self.advert()))
 
     async def _announce_capacity(self) -> None:
-        self.slots.expire()
-        free = self.slots.free
+        self._slots.expire()
+        free = self._slots.free
         if self.nc is not None and not self._draining and free > 0:
-            notice = CapacityNotice(self.id, free, self.slots.next_free_seq())
+            notice = CapacityNotice(self.id, free, self._slots.next_free_seq())
             await self.nc.publish(s.CAPACITY_SUBJECT, encode(notice))
 
     async def _send_heartbeats(self) -> None:
@@ -275,8 +258,8 @@ class Worker:
     # --- bus callbacks -------------------------------------------------------------
 
     async def _on_ping(self, msg: Msg) -> None:
-        self.slots.expire()
-        offer = self._offer(reservation_id=None, reason=None, free_slots=self.slots.free)
+        self._slots.expire()
+        offer = self._offer(reservation_id=None, reason=None, free_slots=self._slots.free)
         await self._reply(msg, encode(offer))
 
     async def _on_recruit(self, msg: Msg) -> None:
@@ -284,10 +267,10 @@ class Worker:
             call: RecruitCall | None = decode(RecruitCall, msg.data)
         except ProtocolError:
             call = None  # no requirements stated: judge by capacity alone
-        self.slots.expire()
+        self._slots.expire()
         reason = self._decline_reason(call)
-        free = self.slots.free  # as before this answer's reservation, which is the offer's
-        reservation_id = self.slots.reserve(self.settings.lease_s) if reason is None else None
+        free = self._slots.free  # as before this answer's reservation, which is the offer's
+        reservation_id = self._slots.reserve(self.settings.lease_s) if reason is None else None
         offer = self._offer(reservation_id=reservation_id, reason=reason, free_slots=free)
         headers = {
             s.HEADER_WILLING: "true" if offer.willing else "false",
@@ -302,7 +285,7 @@ class Worker:
             unfit = unfit_reason(self.advert(), call)
             if unfit is not None:
                 return unfit
-        if self.slots.free <= 0:
+        if self._slots.free <= 0:
             return OfferReason.BUSY
         return None
 
@@ -327,7 +310,7 @@ class Worker:
             release = decode(ReservationRelease, msg.data)
         except ProtocolError:
             return
-        if self.slots.release(release.reservation_id):
+        if self._slots.release(release.reservation_id):
             await self._announce_capacity()
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -361,7 +344,7 @@ class Worker:
             return
         running = RunningTask(assignment)
         self._running[(assignment.job_id, assignment.index)] = running
-        self.slots.start_generating()
+        self._slots.start_generating()
         # Queued before "assigned" goes out: the model's thread wakes while it travels.
         # The run (which frees the slot whatever happens) exists before anything can fail.
         running.run = asyncio.create_task(self._run(running, self._queue_image(running)))
@@ -372,23 +355,23 @@ class Worker:
 
     def _refusal_reason(self, assignment: TaskAssignment) -> str | None:
         """Why this worker will not run `assignment`, claiming its reservation if it will."""
-        held = self.slots.release(assignment.reservation_id)
+        held = self._slots.release(assignment.reservation_id)
         if (assignment.job_id, assignment.index) in self._running:
             return "already running this task"
         if self._draining:
             return "worker is shutting down"
         if not held:
-            self.slots.expire()
-            if self.slots.free <= 0:
+            self._slots.expire()
+            if self._slots.free <= 0:
                 return "no free slot" if not assignment.reservation_id else "reservation expired"
         if not s.is_valid_inbox(assignment.reply_inbox):
             return "invalid reply inbox"
         return None
 
     async def _refuse(self, msg: Msg, reason: str) -> None:
-        self.slots.expire()
-        free = max(self.slots.free, 0)
-        refusal = AssignmentRefused(self.id, reason, free, self.slots.next_free_seq())
+        self._slots.expire()
+        free = max(self._slots.free, 0)
+        refusal = AssignmentRefused(self.id, reason, free, self._slots.next_free_seq())
         await self._reply(msg, encode(refusal))
 
     # --- running one task ------------------------------------------------------------
@@ -419,7 +402,7 @@ class Worker:
         is encoded and travels."""
         if running.generating:
             running.generating = False
-            self.slots.rendered()
+            self._slots.rendered()
 
     async def _run(self, running: RunningTask, queued: Queued) -> None:
         """Run one task; whatever happens, its slot is freed afterwards."""
@@ -430,7 +413,7 @@ class Worker:
             self._log.exception("task ended badly", job_id=assignment.job_id)
         finally:
             self._running.pop((assignment.job_id, assignment.index), None)
-            self.slots.finished(rendered=not running.generating)
+            self._slots.finished(rendered=not running.generating)
             if running.generating:  # it ended before its image: the slot is free now
                 running.generating = False
                 with contextlib.suppress(Exception):
