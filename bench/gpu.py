@@ -85,13 +85,13 @@ def speedup_rates(
     from PIL import Image
 
     from imagebus.protocol import ImageParams
-    from imagebus.worker.engine import BatchItem, GeneratedImage
+    from imagebus.worker.engine import BatchItem, RenderedImage
 
     params = ImageParams("a lighthouse", size, size, steps, 1.0)
     items = [BatchItem(params, seed) for seed in range(batch)]
 
     def pixels(image: object) -> Any:
-        assert isinstance(image, GeneratedImage)
+        assert isinstance(image, RenderedImage)
         with Image.open(io.BytesIO(image.png)) as png:
             return np.asarray(png.convert("RGB"), dtype=np.int16)
 

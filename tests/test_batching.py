@@ -40,10 +40,10 @@ async def test_a_worker_batches_compatible_images_and_each_keeps_its_seed_and_pr
             on_progress=lambda p: steps_seen[p.index].append(p.step),
         )  # fmt: skip
         images = await job.wait(120)
-    assert await eventually(lambda: worker.tasks_done == 8), worker.tasks_done
-    stats = worker.stats()
-    assert stats["batches"] < 8  # some images shared a pipeline call
-    assert stats["mean_batch"] > 1
+    assert await eventually(lambda: worker.status().tasks_done == 8), worker.status()
+    status = worker.status()
+    assert status.batches < 8  # some images shared a pipeline call
+    assert status.mean_batch > 1
     for image in images:
         assert image.seed == 100 + image.index
         assert steps_seen[image.index] == [1, 2, 3]  # per-image progress, in order
@@ -63,7 +63,8 @@ async def test_incompatible_images_are_never_batched_together(stack: Stack) -> N
         small, wide = [await job.wait(120) for job in jobs]
     assert {(i.width, i.height) for i in small} == {(64, 64)}
     assert {(i.width, i.height) for i in wide} == {(128, 64)}
-    assert worker.stats()["batches"] >= 2
+    assert await eventually(lambda: worker.status().tasks_done == 4), worker.status()
+    assert worker.status().batches >= 2
 
 
 async def test_progress_never_makes_the_model_thread_wait_for_the_event_loop() -> None:

@@ -164,7 +164,7 @@ async def test_ctrl_c_cancels_the_job(stack: Stack, tmp_path: Path, command: str
     assert process.stdin is not None
     process.stdin.write(b"interrupted\n128\n128\n150\n2\n")  # what `request` asks
     await process.stdin.drain()
-    assert await eventually(lambda: worker.peak_generating > 0, 60)  # an image is being made
+    assert await eventually(lambda: worker.status().generating > 0, 60)  # an image is being made
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), 30) == 130
     # The pool stops working on it: both images end as cancelled, and no image is saved.

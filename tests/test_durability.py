@@ -83,7 +83,7 @@ async def test_two_orchestrators_never_double_book_or_double_deliver(stack: Stac
         results = await asyncio.gather(*(job.wait(120) for job in jobs))
     assert [len(images) for images in results] == [2] * 30
     assert sum(job.duplicates for job in jobs) == 0
-    assert all(w.peak_generating <= w.settings.slots for w in workers)
+    assert all(w.status().peak_generating <= w.status().slots for w in workers)
     for orchestrator in stack.orchestrators:
         assert await orchestrator.settle(SETTLE_S)
     served = [o.intake.served for o in stack.orchestrators]  # type: ignore[union-attr]

@@ -14,8 +14,8 @@ from imagebus.protocol import ImageParams
 from imagebus.worker.engine import (
     BatchItem,
     DiffusionEngine,
-    GeneratedImage,
     GenerationCancelled,
+    RenderedImage,
     load_engine,
 )
 from imagebus.worker.identity import default_worker_id
@@ -98,7 +98,7 @@ def test_the_same_seed_gives_the_same_image_alone_or_in_a_batch(
     batched = tiny_engine.generate_batch(items, on_step=lambda done, total: steps.append(done))
     assert steps == [1, 2, 3]  # one callback per step for the whole batch
     for one, other in zip(alone, batched, strict=True):
-        assert isinstance(other, GeneratedImage)
+        assert isinstance(other, RenderedImage)
         difference = np.abs(_pixels(one.png) - _pixels(other.png)).max()
         assert difference <= CPU_BATCH_TOLERANCE
     # ...and the images really are different images, by seed and prompt.
@@ -119,7 +119,7 @@ def test_a_stopped_image_comes_back_cancelled_and_the_rest_are_made(
         [BatchItem(params, 1, lambda: True), BatchItem(params, 2, lambda: False)]
     )
     assert isinstance(results[0], GenerationCancelled)
-    assert isinstance(results[1], GeneratedImage)
+    assert isinstance(results[1], RenderedImage)
     with pytest.raises(GenerationCancelled):
         tiny_engine.generate_batch([BatchItem(params, 1, lambda: True)])
 

@@ -20,7 +20,6 @@ from imagebus.protocol import subjects as s
 from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, WorkerSettings
 from imagebus.worker import Worker
-from imagebus.worker import service as worker_service
 
 from .conftest import Stack
 from .helpers import SETTLE_S, collect, eventually, raw_client, run_cli
@@ -144,7 +143,7 @@ async def test_a_job_left_running_is_cancelled_by_its_id_from_the_command_line(
     async with ImageBusClient(stack.nats_url) as client:
         job = await client.submit("long", n=2, width=128, height=128, steps=150)
         job_id = await job.accepted()
-    assert await eventually(lambda: worker.peak_generating > 0, 30)  # the requester has left
+    assert await eventually(lambda: worker.status().generating > 0, 30)  # the requester has left
     code, stdout, stderr = await run_cli(
         "job", "cancel", job_id, "--json", "--nats-url", stack.nats_url
     )
@@ -157,10 +156,16 @@ async def test_a_job_left_running_is_cancelled_by_its_id_from_the_command_line(
 
 @pytest.mark.parametrize("stream", ["refusing", "missing", "silent"])
 async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_delivered(
-    stack: Stack, stream: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, stream: str
 ) -> None:
     await stack.start_orchestrator()  # it creates the results stream if there is none
-    await stack.start_worker()
+    # A copy JetStream leaves unanswered is given up on after `copy_answer_within_s`
+    # (a short wait only where no answer comes: a refusal must not be taken for none).
+    settings = WorkerSettings(worker_id="keeper", bus=BusSettings(stack.nats_url))
+    patience = {"copy_answer_within_s": 0.2} if stream == "silent" else {}
+    worker = Worker(settings, stack.engine, **patience)
+    await worker.start()
+    stack.workers.append(worker)
     nc = await raw_client(stack.nats_url)
     js = nc.jetstream()
     await js.delete_stream(s.RESULTS_STREAM)
@@ -171,7 +176,6 @@ async def test_a_copy_the_results_stream_does_not_keep_is_logged_and_the_image_d
         # A plain subscriber (someone debugging with `nats sub`) takes the copy instead
         # of a stream: nothing answers it, so the worker gives up on it after a while.
         await nc.subscribe(s.RESULTS_SUBJECTS)
-        monkeypatch.setattr(worker_service, "_COPY_ANSWER_WITHIN_S", 0.2)
     try:
         with capture_logs() as logs:
             async with ImageBusClient(stack.nats_url) as client:

@@ -43,7 +43,8 @@ async def test_busy_worker_is_passed_over(stack: Stack) -> None:
         free = await stack.start_worker("free-worker")
         images = await client.generate("while busy", width=64, height=64, steps=2, timeout=30)
         assert images[0].worker_id == free.id
-        assert busy.stats()["running"] == 1  # still on the long job, never given a second
+        status = busy.status()  # still on the long job, never given a second
+        assert (status.running, status.tasks_done, status.free_slots) == (1, 0, 0), status
 
         long_images = await long_job.wait(60)
     assert long_images[0].worker_id == busy.id
@@ -69,8 +70,8 @@ async def test_blacklisted_worker_never_receives_a_job(stack: Stack) -> None:
     async with ImageBusClient(stack.nats_url) as client:
         images = await client.generate("trust", n=6, width=64, height=64, steps=2, timeout=60)
     assert {image.worker_id for image in images} == {trusted.id}
-    assert shunned.stats()["tasks_done"] == shunned.stats()["running"] == 0
-    assert shunned.stats()["failures"] == 0
+    status = shunned.status()
+    assert (status.tasks_done, status.running, status.failures) == (0, 0, 0), status
     assert await orchestrator.settle(SETTLE_S)
     assert {r["worker_id"] for r in await _task_rows(stack.database_url)} == {trusted.id}
 
@@ -85,7 +86,7 @@ async def test_only_blacklisted_workers_fail_after_max_attempts(stack: Stack) ->
     assert failure.code == "no_worker"
     assert "after 4 attempts" in (failure.error or "")
     assert "4 blacklisted" in (failure.error or "")
-    assert shunned.stats()["tasks_done"] == 0
+    assert shunned.status().tasks_done == 0
     assert await orchestrator.settle(SETTLE_S)
     (row,) = await _task_rows(stack.database_url)
     assert (row["state"], row["recruit_attempts"], row["error_code"]) == ("failed", 4, "no_worker")

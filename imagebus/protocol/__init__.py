@@ -5,6 +5,8 @@ This package is the only place that knows how imagebus talks on NATS.
 
 from . import control, events, results, subjects
 from .codec import ProtocolError, decode, encode, from_dict
+from .jetstream import PubAck as PubAck
+from .jetstream import parse_pub_ack as parse_pub_ack
 from .messages import (
     FINAL_JOB_STATES,
     FINAL_TASK_STATES,

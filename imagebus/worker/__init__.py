@@ -3,7 +3,8 @@
 Importing this package does not import torch; `engine` does, when a model loads.
 """
 
-from .identity import default_worker_id
-from .service import Worker, WorkerIdInUse
+from .identity import WorkerIdInUse, default_worker_id
+from .service import Worker
+from .tasks import WorkerStatus
 
-__all__ = ["Worker", "WorkerIdInUse", "default_worker_id"]
+__all__ = ["Worker", "WorkerIdInUse", "WorkerStatus", "default_worker_id"]

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..protocol import ImageParams
-from .engine import BatchItem, Engine, GeneratedImage, batch_key
+from .engine import BatchItem, Engine, RenderedImage, batch_key
 
 # Called on the event loop at every denoising step: (steps done, total steps).
 AsyncStepCallback = Callable[[int, int], Awaitable[None]]
@@ -44,7 +44,7 @@ class Queued:
     item: BatchItem
     key: Hashable
     on_step: AsyncStepCallback | None
-    result: asyncio.Future[GeneratedImage]
+    result: asyncio.Future[RenderedImage]
     on_rendered: Callable[[], None] | None = None  # its batch is rendered, not yet encoded
 
 
@@ -114,7 +114,7 @@ class Batcher:
         self._arrived.set()
         return waiting
 
-    async def result(self, waiting: Queued) -> GeneratedImage:
+    async def result(self, waiting: Queued) -> RenderedImage:
         """Wait for a submitted image (GenerationCancelled if it was stopped)."""
         try:
             return await waiting.result
@@ -225,7 +225,7 @@ class Batcher:
             return
         if not waiting.result.done():
             seconds = time.perf_counter() - started
-            waiting.result.set_result(GeneratedImage(png, image.width, image.height, seconds))
+            waiting.result.set_result(RenderedImage(png, image.width, image.height, seconds))
 
 
 class _StepRelay:

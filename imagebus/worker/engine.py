@@ -1,6 +1,7 @@
 """The diffusion engine: one model, loaded once, generating images in batches.
 
-This is the only module of the worker that imports torch and diffusers. Calls
+With tiny.py (the built-in random-weight models), this is the only module that
+imports torch and diffusers, and it does so lazily, when a model loads. Calls
 to `render_batch` and `generate_batch` block (run them in a thread) and may run
 concurrently, one per runner (see DiffusionEngine). A batch is several compatible images (same
 model, size, steps and guidance; see `batch_key`) made in one pipeline call,
@@ -26,11 +27,6 @@ from ..protocol import ImageParams
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
-# Document-worthy defaults: a small CPU model in the spirit of ByteNite's CPU
-# app, and a fast GPU model (gated: accept its licence and set HF_TOKEN).
-CPU_MODEL_EXAMPLE = "nota-ai/bk-sdm-tiny"
-GPU_MODEL_EXAMPLE = "black-forest-labs/FLUX.1-schnell"
-
 
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message says what to do about it."""
@@ -41,7 +37,9 @@ class GenerationCancelled(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class GeneratedImage:
+class RenderedImage:
+    """An image as the model made it: a PNG, its size, and the seconds its batch took."""
+
     png: bytes
     width: int
     height: int
@@ -61,7 +59,7 @@ class BatchItem:
 
 
 # What a batch call returns for each of its items, in order.
-BatchResult = GeneratedImage | BaseException
+BatchResult = RenderedImage | BaseException
 
 
 def batch_key(params: ImageParams) -> Hashable:
@@ -110,7 +108,7 @@ class DiffusionEngine:
         seed: int,
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> GeneratedImage:
+    ) -> RenderedImage:
         """Generate one image (blocking: call it from a thread)."""
         (result,) = self.generate_batch([BatchItem(params, seed, should_stop)], on_step)
         if isinstance(result, BaseException):
@@ -130,7 +128,7 @@ class DiffusionEngine:
         return [
             image
             if isinstance(image, BaseException)
-            else GeneratedImage(next(pngs), image.width, image.height, seconds)
+            else RenderedImage(next(pngs), image.width, image.height, seconds)
             for image in rendered
         ]
 

@@ -1,4 +1,5 @@
-"""A worker id that is stable across restarts: derived from the machine and device."""
+"""A worker's id: stable across restarts (derived from the machine and device), and unique
+on the bus."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import re
 import socket
 import uuid
 from pathlib import Path
+
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from ..protocol import subjects as s
 
 _MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
@@ -28,3 +35,20 @@ def default_worker_id(device: str) -> str:
     device_token = re.sub(r"[^A-Za-z0-9]+", "", device) or "cpu"
     digest = hashlib.sha256(f"{machine_fingerprint()}:{device}".encode()).hexdigest()[:8]
     return f"{host}-{device_token}-{digest}"
+
+
+class WorkerIdInUse(RuntimeError):
+    pass
+
+
+async def check_id_unused(nc: Client, worker_id: str) -> None:
+    """Raise WorkerIdInUse (closing `nc`) if a running worker answers to `worker_id`."""
+    try:
+        await nc.request(s.worker_ping_subject(worker_id), b"", timeout=0.5)
+    except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        return
+    await nc.close()
+    raise WorkerIdInUse(
+        f"worker id {worker_id!r} is already used by a running worker; "
+        "give each worker its own --worker_id"
+    )

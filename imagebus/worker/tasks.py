@@ -1,0 +1,58 @@
+"""What a worker is doing: its running tasks, and a snapshot of itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..protocol import Dialect, TaskAssignment
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """A snapshot of a worker, for dashboards and tests (not sent on the bus as is:
+    `Worker.advert()` is what the orchestrators see). Reading it changes nothing."""
+
+    state: str  # "idle", "busy" (some task running or delivering) or "draining"
+    slots: int
+    free_slots: int  # as of the last expiry of reservations; 0 while draining
+    running: int  # tasks taken and not ended: generating or delivering their result
+    generating: int  # tasks whose image is being made: never above `slots`
+    peak_generating: int  # the most images ever made at once
+    tasks_done: int
+    failures: int
+    batches: int  # pipeline calls made
+    mean_batch: float  # images per pipeline call on average (dynamic batching)
+    seconds_per_image: float
+
+
+@dataclass
+class RunningTask:
+    assignment: TaskAssignment
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # Re-assigned elsewhere: stop quietly, the requester will hear from the new worker.
+    reassigned: bool = False
+    step: int = 0
+    # True until its image is made; then it only delivers, and no longer holds a slot.
+    generating: bool = True
+    run: asyncio.Task[None] | None = None
+    dialect: Dialect = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.dialect = Dialect(self.assignment.dialect)
+        except ValueError:
+            self.dialect = Dialect.NATIVE
+
+    def cancel(self, *, reassigned: bool = False) -> None:
+        """Stop making the image at the next step; the run still reports it cancelled."""
+        self.cancelled = True
+        self.reassigned = reassigned
+
+    def abort(self) -> None:
+        """Stop this task and its run at once (nothing is reported)."""
+        self.cancelled = True
+        if self.run is not None:
+            self.run.cancel()
