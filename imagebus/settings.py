@@ -3,7 +3,7 @@
 Each role's settings is a frozen dataclass with plain defaults; its `from_env()`
 reads the environment through `Environment` and takes overrides (the CLI's flags,
 which win over the environment). A bad value raises `ConfigError` naming the
-variable and the rule. The README's configuration reference lists every variable.
+variable and the rule. docs/configuration.md lists every variable.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from ..requester.client import FINAL_STATES, ImageBusError
+    from ..protocol import FINAL_JOB_STATES
+    from ..requester import ImageBusError
     from ..requester.files import save_images
 
     async def run() -> int:
@@ -162,7 +163,7 @@ def cmd_job(args: argparse.Namespace) -> int:
             return EXIT_OK if status.state == "done" else EXIT_FAILED
         if args.action == "cancel":
             return EXIT_OK  # it has ended, cancelled or (if it was done already) not
-        return EXIT_OK if status.state in FINAL_STATES or status.failed == 0 else EXIT_FAILED
+        return EXIT_OK if status.state in FINAL_JOB_STATES or status.failed == 0 else EXIT_FAILED
 
     return asyncio.run(run())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-# --- the prototype's names (see shared/prototype-wire-protocol.md) ---------------
+# --- the prototype's names (see docs/prototype-compatibility.md) ---------------
 REQUEST_SUBJECT = "img-gen"
 RECRUIT_SUBJECT = "request-worker"
 WORKER_QUEUE = "workers"

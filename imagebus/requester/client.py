@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..connections import connect
 from ..protocol import (
+    FINAL_JOB_STATES,
     JobCancel,
     JobStatus,
     ProtocolError,
@@ -33,6 +34,7 @@ from ..protocol import (
     control,
     encode,
     encode_request,
+    parse_pub_ack,
     request_headers,
     results,
 )
@@ -42,7 +44,6 @@ from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressC
 
 T = TypeVar("T")
 
-FINAL_STATES = frozenset({"done", "partial", "failed", "cancelled"})
 _RECORD_LAG_S = 5.0
 _STORE_TIMEOUT_S = 5.0
 
@@ -169,9 +170,10 @@ class ImageBusClient:
                 "prefix this user may receive on?)",
                 "not_stored",
             ) from None
-        if b'"error"' in ack.data:
+        answer = parse_pub_ack(ack.data, ack.headers)
+        if answer.error is not None:
             raise ImageBusError(
-                f"the request stream refused the request: {ack.data!r}", "not_stored"
+                f"the request stream refused the request: {answer.error}", "not_stored"
             )
 
     async def _events_inbox(self) -> str:
@@ -247,7 +249,7 @@ class ImageBusClient:
                     raise
                 await asyncio.sleep(poll_s)
                 continue
-            if status.state in FINAL_STATES:
+            if status.state in FINAL_JOB_STATES:
                 return status
             if deadline is not None and time.monotonic() > deadline:
                 raise ImageBusError(f"job {job_id} still {status.state} after {timeout:g}s")

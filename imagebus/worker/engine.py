@@ -301,7 +301,7 @@ def load_engine(
 ) -> DiffusionEngine:
     """Load `model` once: the built-in `tiny`, a local directory, or a Hugging Face id.
 
-    Opt-in speed-ups (see README, "Making the model faster"): `channels_last`
+    Opt-in speed-ups (see docs/deployment.md, "Making the model faster"): `channels_last`
     stores the UNet's and VAE's convolution weights NHWC, the layout GPU kernels
     prefer; `compile_unet` runs the UNet through torch.compile (the first calls
     at each new size and batch size compile, which takes a while).
