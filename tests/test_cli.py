@@ -160,6 +160,9 @@ async def test_ctrl_c_cancels_the_job(stack: Stack, tmp_path: Path, command: str
         "--nats-url", stack.nats_url, "--out", str(tmp_path),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
+        # A suite started in the background (`make test &`) ignores SIGINT, and children
+        # inherit that: give the CLI the SIGINT a terminal would deliver.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert process.stdin is not None
     process.stdin.write(b"interrupted\n128\n128\n150\n2\n")  # what `request` asks

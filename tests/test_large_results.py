@@ -27,7 +27,7 @@ async def test_a_1024_png_above_max_payload_arrives_byte_exact(
         # Its copy in the results stream is whole too (kept as several chunks)...
         kept = await _fetch_when_kept(client, job.job_id)
     # ...and the worker heard JetStream's answer for every chunk of it.
-    assert await eventually(lambda: worker._unanswered_copies == {}, timeout=5.0)
+    assert await eventually(lambda: worker.status().copies_unanswered == 0, timeout=5.0)
     params = ImageParams("big", 1024, 1024, 2, 7.5)
     expected = await asyncio.to_thread(tiny_engine.generate, params, 99)
     assert len(image.png) > max_payload  # really above the 1 MiB limit

@@ -49,6 +49,10 @@ class Delivery:
         self._kept_inbox = nc.new_inbox()
         self._unanswered_copies: dict[str, _UnansweredCopy] = {}
 
+    @property
+    def copies_unanswered(self) -> int:
+        return len(self._unanswered_copies)
+
     async def subscribe(self) -> Subscription:
         return await self.nc.subscribe(f"{self._kept_inbox}.>", cb=self._on_kept)
 

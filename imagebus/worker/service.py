@@ -195,6 +195,7 @@ class Worker:
             batches=batches,
             mean_batch=round(images / batches, 2) if batches else 0.0,
             seconds_per_image=self._seconds_total / self.tasks_done if self.tasks_done else 0.0,
+            copies_unanswered=self._delivery.copies_unanswered if self._delivery else 0,
         )
 
     def advert(self) -> WorkerAdvert:

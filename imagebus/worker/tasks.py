@@ -25,6 +25,7 @@ class WorkerStatus:
     batches: int  # pipeline calls made
     mean_batch: float  # images per pipeline call on average (dynamic batching)
     seconds_per_image: float
+    copies_unanswered: int  # copies sent to the results stream that JetStream has not answered
 
 
 @dataclass
