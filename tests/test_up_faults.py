@@ -111,9 +111,12 @@ async def test_up_restarts_a_worker_killed_mid_job_and_answers_every_request(
         async with ImageBusClient(up.nats_url) as client:
             jobs = [
                 await client.submit(
-                    f"a lighthouse {i}", width=64, height=64, steps=40,
+                    f"a lighthouse {i}",
+                    width=64,
+                    height=64,
+                    steps=40,
                     on_assigned=lambda _index, wid, i=i: busy_on.__setitem__(wid, i),
-                )  # fmt: skip
+                )
                 for i in range(6)
             ]
             deadline = time.monotonic() + 60
