@@ -1,8 +1,10 @@
 """`imagebus up`: a whole imagebus on one machine, from pip packages alone.
 
 Starts (or reuses) a real nats-server with JetStream, a real PostgreSQL
-(pgserver), one orchestrator and N worker processes; stops them all, in
-order, on Ctrl-C or SIGTERM.
+(pgserver), one orchestrator and N worker processes. A worker or orchestrator
+that exits on its own is restarted with back-off, and given up if it keeps
+exiting ([supervisor.py](supervisor.py)); the stack keeps serving meanwhile.
+Ctrl-C or SIGTERM stops them all, in order.
 """
 
 from __future__ import annotations
@@ -10,19 +12,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.aio.client import Client
 from tqdm import tqdm
 
 from .connections import connect
 from .embedded import NatsServer, Postgres, imagebus_home, is_nats_server, port_open
 from .protocol import subjects as s
 from .settings import BusSettings
+from .supervisor import ChildSpec, ChildState, RestartPolicy, Supervisor
 from .worker.identity import default_worker_id
+
+ORCHESTRATOR = "orchestrator"
+WATCH_INTERVAL_S = 0.5  # how often `up` checks its children
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,11 @@ class UpOptions:
     interactive: bool = False
     out_dir: Path = Path("generated")
     ready_timeout_s: float = 300.0
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 class Stack:
@@ -46,115 +57,160 @@ class Stack:
         self.home = options.home or imagebus_home()
         self.nats: NatsServer | None = None
         self.postgres: Postgres | None = None
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.supervisor = Supervisor(options.restart)
         self.nats_url = f"nats://{options.host}:{options.nats_port}"
         self.database_url = options.database_url or ""
-        self.worker_ids: list[str] = []
+        self.ping_subjects: dict[str, str] = {}  # child name -> the subject it answers on
+        self.answering: set[str] = set()  # children that answered since their last start
+        self.ready = asyncio.Event()
 
     def start(self) -> None:
         o = self.options
         if is_nats_server(o.host, o.nats_port):
-            print(f"nats       reusing the server already at {self.nats_url}")
+            _say(f"nats       reusing the server already at {self.nats_url}")
         elif port_open(o.host, o.nats_port):
             raise SystemExit(f"port {o.nats_port} is taken by something that is not NATS")
         else:
             monitor = o.monitor_port if not port_open(o.host, o.monitor_port) else None
             self.nats = NatsServer(o.host, o.nats_port, self.home / "nats", monitor).start()
             where = f", monitoring on http://{o.host}:{monitor}" if monitor else ""
-            print(f"nats       started {self.nats_url} (JetStream in {self.home / 'nats'}{where})")
+            _say(f"nats       started {self.nats_url} (JetStream in {self.home / 'nats'}{where})")
         if not self.database_url:
             self.postgres = Postgres(self.home / "pg").start()
             self.database_url = self.postgres.url
-            print(f"postgres   started, data in {self.home / 'pg'}")
+            _say(f"postgres   started, data in {self.home / 'pg'}")
         else:
-            print("postgres   using --database-url")
+            _say("postgres   using --database-url")
 
         env = {
             **os.environ,
             "IMAGEBUS_NATS_URL": self.nats_url,
             "IMAGEBUS_DATABASE_URL": self.database_url,
         }
-        self._spawn("orchestrator", ["orchestrator"], env)
+        self._add(ORCHESTRATOR, ["orchestrator"], env, s.ORCHESTRATOR_PING_SUBJECT)
         threads = max(1, (os.cpu_count() or 1) // max(o.workers, 1))
         base_id = default_worker_id(o.device)
         for i in range(1, o.workers + 1):
+            # A restarted worker keeps its id: the same command line is run again.
             worker_id = f"{base_id}-{i}"
-            self.worker_ids.append(worker_id)
             args = ["worker", "--worker_id", worker_id, "--model", o.model, "--device", o.device]
-            self._spawn(f"worker {worker_id}", [*args, "--threads", str(threads)], env)
-        print(
+            subject = s.worker_ping_subject(worker_id)
+            self._add(f"worker {worker_id}", [*args, "--threads", str(threads)], env, subject)
+        _say(
             f"workers    {o.workers} x model {o.model!r} on {o.device}, "
             f"{threads} torch thread(s) each; logs in {self.home / 'logs'}"
         )
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        logs = self.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        # The child keeps its own descriptor of the log file; ours closes at once.
-        with open(logs / f"{name.split()[-1]}.log", "ab") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "imagebus", *args],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches `up` only; it stops children in order
-            )
-        self.children.append((name, process))
+    def _add(self, name: str, args: list[str], env: dict[str, str], ping_subject: str) -> None:
+        log_path = self.home / "logs" / f"{name.split()[-1]}.log"
+        argv = [sys.executable, "-m", "imagebus", *args]
+        self.supervisor.add(ChildSpec(name, argv, env, log_path))
+        self.ping_subjects[name] = ping_subject
 
-    async def wait_ready(self) -> None:
-        """Wait until the orchestrator and every worker answer on the bus."""
+    async def serve(self) -> int:
+        """Watch the children until the orchestrator is given up (1) or, with
+        --interactive, the prompt ends (its code). Ctrl-C arrives as KeyboardInterrupt."""
         nc = await connect(BusSettings(self.nats_url, None), name="imagebus-up", wait_s=10)
-        pending = {s.worker_ping_subject(w) for w in self.worker_ids}
-        pending.add(s.ORCHESTRATOR_PING_SUBJECT)
-        deadline = time.monotonic() + self.options.ready_timeout_s
         try:
-            with tqdm(
-                total=len(pending), desc="starting", unit="process", disable=not sys.stderr.isatty()
-            ) as bar:
-                while pending:
-                    for name, process in self.children:
-                        if process.poll() is not None:
-                            raise SystemExit(
-                                f"{name} exited with code {process.returncode}; "
-                                f"see {self.home / 'logs'}"
-                            )
-                    if time.monotonic() > deadline:
-                        raise SystemExit("imagebus did not become ready in time")
-                    for subject in list(pending):
-                        try:
-                            await nc.request(subject, b"", timeout=0.2)
-                        except Exception:
-                            continue
-                        pending.discard(subject)
-                        bar.update()
-                    if pending:
-                        await asyncio.sleep(0.2)
+            watch = asyncio.create_task(self.watch(nc))
+            if not self.options.interactive:
+                return await watch
+            ready = asyncio.create_task(self.ready.wait())
+            await asyncio.wait({watch, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                return watch.result()
+            prompt = asyncio.create_task(self._prompt())
+            done, _ = await asyncio.wait({watch, prompt}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watch, prompt):
+                task.cancel()
+            return done.pop().result()
         finally:
             await nc.close()
 
-    def alive(self) -> bool:
-        return all(process.poll() is None for _, process in self.children)
+    async def _prompt(self) -> int:
+        from .requester import ImageBusClient
+        from .requester.interactive import interactive_requester
+
+        async with ImageBusClient(self.nats_url) as client:
+            return await interactive_requester(client, self.options.out_dir)
+
+    async def watch(self, nc: Client) -> int:
+        """Restart what exits, say what happens; returns 1 once the orchestrator is given up."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        with tqdm(
+            total=len(self.ping_subjects),
+            desc="starting",
+            unit="process",
+            disable=not sys.stderr.isatty(),
+        ) as bar:
+            while True:
+                for event in self.supervisor.poll():
+                    _say(event.message)
+                    self.answering.discard(event.child)
+                    if event.kind == "given_up" and event.child != ORCHESTRATOR:
+                        running = sum(c.running for c in self.supervisor.children.values())
+                        _say(f"the rest keeps serving ({running} process(es) running)")
+                if self.supervisor.children[ORCHESTRATOR].state is ChildState.GIVEN_UP:
+                    _say("orchestrator given up: nothing can serve requests; stopping")
+                    return 1
+                for name in await self._newly_answering(nc):
+                    if self.supervisor.children[name].restarts:
+                        _say(f"{name} is back, answering on the bus")
+                    bar.update()
+                if not self.ready.is_set():
+                    if not self._check_ready(time.monotonic() > deadline):
+                        _say("imagebus did not become ready in time; stopping")
+                        return 1
+                    if self.ready.is_set():
+                        bar.close()
+                await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _newly_answering(self, nc: Client) -> list[str]:
+        waiting = [
+            name
+            for name, child in self.supervisor.children.items()
+            if child.running and name not in self.answering
+        ]
+        answers = await asyncio.gather(*(self._answers(nc, name) for name in waiting))
+        found = [name for name, answered in zip(waiting, answers, strict=True) if answered]
+        self.answering.update(found)
+        return found
+
+    async def _answers(self, nc: Client, name: str) -> bool:
+        try:
+            await nc.request(self.ping_subjects[name], b"", timeout=0.3)
+        except Exception:  # no responders yet, timeout, a reconnecting bus: not yet
+            return False
+        return True
+
+    def _check_ready(self, late: bool) -> bool:
+        """Print the ready line once the orchestrator answers and every worker either
+        answers or has exited at least once (it is being restarted: the stack need not
+        wait for its back-off). Once `late`, ready with whatever answers, or False when
+        the orchestrator does not."""
+        children = self.supervisor.children
+        if ORCHESTRATOR not in self.answering:
+            return not late
+        starting = [n for n in children if n != ORCHESTRATOR and n not in self.answering]
+        first_run = [n for n in starting if children[n].restarts == 0 and children[n].running]
+        if first_run and not late:
+            return True
+        line = f"ready      requesters connect to {self.nats_url}; Ctrl-C stops everything"
+        if starting:
+            line += f" (still starting: {', '.join(starting)})"
+        _say(line)
+        self.ready.set()
+        return True
 
     def stop(self) -> None:
         # Workers first (they finish their jobs), then the orchestrator, then the servers.
-        workers = [(n, p) for n, p in self.children if n.startswith("worker")]
-        others = [(n, p) for n, p in self.children if not n.startswith("worker")]
-        for group in (workers, others):
-            for _, process in group:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for name, process in group:
-                try:
-                    process.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    print(f"{name} did not stop in time; killing it")
-                    process.kill()
-                    process.wait()
+        workers = [name for name in self.supervisor.children if name != ORCHESTRATOR]
+        self.supervisor.stop([workers, [ORCHESTRATOR]])
         if self.nats is not None:
             self.nats.stop()
         if self.postgres is not None:
             self.postgres.stop()
-        print("imagebus stopped")
+        _say("imagebus stopped")
 
 
 def run_up(options: UpOptions) -> int:
@@ -167,22 +223,7 @@ def run_up(options: UpOptions) -> int:
     signal.signal(signal.SIGINT, request_stop)  # even where the shell started us ignoring it
     try:
         stack.start()
-        asyncio.run(stack.wait_ready())
-        print(f"ready      requesters connect to {stack.nats_url}; Ctrl-C stops everything")
-        if options.interactive:
-            from .requester import ImageBusClient
-            from .requester.interactive import interactive_requester
-
-            async def prompt() -> int:
-                async with ImageBusClient(stack.nats_url) as client:
-                    return await interactive_requester(client, options.out_dir)
-
-            return asyncio.run(prompt())
-        while stack.alive():
-            time.sleep(0.5)
-        dead = [name for name, process in stack.children if process.poll() is not None]
-        print(f"{', '.join(dead)} exited; stopping; see {stack.home / 'logs'}")
-        return 1
+        return asyncio.run(stack.serve())
     except KeyboardInterrupt:
         return 0  # Ctrl-C and SIGTERM are the normal way to stop
     finally:

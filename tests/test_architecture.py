@@ -28,7 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "orchestrator": {"connections", "db", "logs", "looplag", "protocol", "settings"},
     "worker": {"connections", "logs", "looplag", "protocol", "settings"},
     "requester": {"connections", "logs", "protocol", "settings"},
-    "launcher": {"connections", "embedded", "logs", "protocol", "requester", "settings", "worker"},
+    "supervisor": set(),  # child processes and their restart policy: knows no role
+    "launcher": {
+        "connections",
+        "embedded",
+        "logs",
+        "protocol",
+        "requester",
+        "settings",
+        "supervisor",
+        "worker",
+    },
     # The CLI is the top: thin over every role's Python API.
     "cli": {
         "",
@@ -41,6 +51,7 @@ ALLOWED: dict[str, set[str]] = {
         "protocol",
         "requester",
         "settings",
+        "supervisor",
         "worker",
     },
     "": {"requester"},  # imagebus/__init__.py re-exports the client
