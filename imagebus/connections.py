@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -13,17 +15,45 @@ from nats.aio.client import Client
 from .logs import get_logger
 from .settings import BusSettings
 
+# nats-py lower-cases the server's -ERR text, and hands only permission violations to
+# the error callback without closing the connection.
+_PERMISSIONS_VIOLATION = "permissions violation"
+
 
 class BusUnavailable(ConnectionError):
     pass
 
 
-async def connect(bus: BusSettings, name: str, *, wait_s: float = 60.0) -> Client:
-    """Connect, trying for up to `wait_s`; once connected, reconnect for ever."""
+@dataclass
+class ConnectionEvents:
+    """What happened to a connection, to explain a failure afterwards by what was
+    actually seen (a permission refused, a reconnect) rather than by guesses."""
+
+    reconnected_at: float | None = None  # time.monotonic() of the latest reconnect
+    permission_errors: list[str] = field(default_factory=list)  # the latest few
+
+    def note_error(self, exc: Exception) -> None:
+        text = str(exc)
+        if _PERMISSIONS_VIOLATION in text.lower():
+            self.permission_errors = [*self.permission_errors[-4:], text]
+
+    def note_reconnect(self) -> None:
+        self.reconnected_at = time.monotonic()
+
+    def reconnected_within(self, seconds: float) -> bool:
+        return self.reconnected_at is not None and time.monotonic() - self.reconnected_at < seconds
+
+
+async def connect(
+    bus: BusSettings, name: str, *, wait_s: float = 60.0, events: ConnectionEvents | None = None
+) -> Client:
+    """Connect, trying for up to `wait_s`; once connected, reconnect for ever. `events`,
+    if given, records the permission errors and reconnects of the connection."""
     log = get_logger(connection=name)
     client = Client()
     try:
-        await asyncio.wait_for(_connect(client, bus, name, log), wait_s)
+        events = events or ConnectionEvents()
+        await asyncio.wait_for(_connect(client, bus, name, log, events), wait_s)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await client.close()
@@ -33,7 +63,9 @@ async def connect(bus: BusSettings, name: str, *, wait_s: float = 60.0) -> Clien
     return client
 
 
-async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> None:
+async def _connect(
+    client: Client, bus: BusSettings, name: str, log: Any, events: ConnectionEvents
+) -> None:
     # Before the first connection, failures are reported once, by connect(); while
     # reconnecting, only the first failed attempt is logged, not one per retry.
     connected = False
@@ -41,6 +73,7 @@ async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> Non
 
     async def on_error(exc: Exception) -> None:
         nonlocal quiet
+        events.note_error(exc)
         if connected and not quiet:
             log.warning("nats error", error=str(exc))
             quiet = client.is_reconnecting
@@ -52,6 +85,7 @@ async def _connect(client: Client, bus: BusSettings, name: str, log: Any) -> Non
     async def on_reconnect() -> None:
         nonlocal quiet
         quiet = False
+        events.note_reconnect()
         log.info("nats reconnected")
 
     await client.connect(

@@ -177,6 +177,9 @@ class OrchestratorSettings:
     intake_max_deliver: int = 20
     # Requests not served within this long are dropped from the stream.
     intake_max_age_s: float = 86400.0
+    # The request stream refuses new requests ("the pool's queue is full") beyond these.
+    intake_max_bytes: int = 1 << 30
+    intake_max_msgs: int = 100_000
     # Workers advertise every 2 s: after this long the registry knows the whole pool and
     # requests no worker could ever take fail at once.
     registry_warm_s: float = 3.0
@@ -211,6 +214,8 @@ class OrchestratorSettings:
             intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 30.0, minimum=0.0),
             intake_max_deliver=e.integer("IMAGEBUS_INTAKE_MAX_DELIVER", 20, minimum=1),
             intake_max_age_s=e.number("IMAGEBUS_INTAKE_MAX_AGE", 86400.0, minimum=0.0),
+            intake_max_bytes=e.integer("IMAGEBUS_INTAKE_MAX_BYTES", 1 << 30, minimum=1),
+            intake_max_msgs=e.integer("IMAGEBUS_INTAKE_MAX_MSGS", 100_000, minimum=1),
             results_ttl_s=e.number("IMAGEBUS_RESULTS_TTL", 86400.0, minimum=0.0),
             max_concurrent_jobs=e.integer("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024, minimum=1),
             max_record_backlog=e.integer("IMAGEBUS_MAX_RECORD_BACKLOG", 50_000, minimum=1),

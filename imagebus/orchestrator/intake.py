@@ -23,7 +23,8 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client
@@ -33,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DiscardPolicy,
     Header,
     RetentionPolicy,
     StatusCode,
@@ -42,22 +44,52 @@ from nats.js.api import (
 
 from ..logs import get_logger
 from ..protocol import subjects as s
+from ..protocol.request import REQUEST_DEDUP_WINDOW_S, REQUEST_HEADER_ROOM_BYTES
 
 
-async def ensure_intake_stream(js: JetStreamContext, max_age_s: float) -> str:
-    """Create the stream if missing; returns an epoch that tells apart re-created streams."""
-    config = StreamConfig(
-        name=s.INTAKE_STREAM,
-        subjects=[s.REQUEST_SUBJECT],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        max_age=max_age_s,
-        duplicate_window=120.0,
-    )
+@dataclass(frozen=True)
+class IntakeLimits:
+    """Bounds on what the request stream stores, so that requests cannot fill the disk."""
+
+    max_request_bytes: int  # a request's payload (Limits.max_payload_bytes)
+    max_bytes: int  # all requests stored together
+    max_msgs: int
+    max_age_s: float  # requests not served within this long are dropped
+
+
+async def ensure_intake_stream(js: JetStreamContext, limits: IntakeLimits) -> str:
+    """Create the stream if missing, or bring an existing one (an older version's, say)
+    to `limits`; returns an epoch that tells apart re-created streams.
+
+    A full stream refuses new requests (discard-new) rather than dropping stored ones:
+    the requester is told at once, and nothing accepted is lost."""
+    wanted: dict[str, Any] = {
+        "max_age": limits.max_age_s,
+        "max_bytes": limits.max_bytes,
+        "max_msgs": limits.max_msgs,
+        # JetStream counts the headers too: room for them on top of the payload.
+        "max_msg_size": limits.max_request_bytes + REQUEST_HEADER_ROOM_BYTES,
+        "discard": DiscardPolicy.NEW,
+        "duplicate_window": REQUEST_DEDUP_WINDOW_S,
+    }
     try:
         info = await js.stream_info(s.INTAKE_STREAM)
     except nats.js.errors.NotFoundError:
+        config = StreamConfig(
+            name=s.INTAKE_STREAM,
+            subjects=[s.REQUEST_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            **wanted,
+        )
         info = await js.add_stream(config)
+    else:
+        current = {key: getattr(info.config, key) for key in wanted}
+        if current != wanted:
+            get_logger(component="intake").info(
+                "request stream limits updated", before=current, after=wanted
+            )
+            info = await js.update_stream(replace(info.config, **wanted))
     created = info.created or ""
     return hashlib.sha256(str(created).encode()).hexdigest()[:12]
 
@@ -97,7 +129,7 @@ class Intake:
         capacity: int,
         ack_wait_s: float,
         max_deliver: int,
-        max_age_s: float,
+        limits: IntakeLimits,
         pause_reason: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.nc = nc
@@ -105,7 +137,7 @@ class Intake:
         self.handle = handle
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
-        self.max_age_s = max_age_s
+        self.limits = limits
         self._capacity = capacity
         self._pause_reason = pause_reason
         self.paused_for: str | None = None  # why no new request is asked for now
@@ -129,7 +161,7 @@ class Intake:
         return len(self._running)
 
     async def start(self) -> None:
-        self._epoch = await ensure_intake_stream(self.js, self.max_age_s)
+        self._epoch = await ensure_intake_stream(self.js, self.limits)
         try:
             await self._ensure_consumer()
         except nats.js.errors.Error as exc:

@@ -49,7 +49,7 @@ from ..settings import OrchestratorSettings
 from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import AttemptOutcome, Dispatcher, Watch
-from .intake import Intake
+from .intake import Intake, IntakeLimits
 from .jobs import CancelledInboxes, RunningJob, seeds_for
 from .registry import Registry
 
@@ -131,7 +131,12 @@ class Orchestrator:
             capacity=self.settings.max_concurrent_jobs,
             ack_wait_s=self.settings.intake_ack_wait_s,
             max_deliver=self.settings.intake_max_deliver,
-            max_age_s=self.settings.intake_max_age_s,
+            limits=IntakeLimits(
+                max_request_bytes=self.settings.limits.max_payload_bytes,
+                max_bytes=self.settings.intake_max_bytes,
+                max_msgs=self.settings.intake_max_msgs,
+                max_age_s=self.settings.intake_max_age_s,
+            ),
             pause_reason=self._intake_pause_reason,
         )
         try:

@@ -47,6 +47,10 @@ class ErrorCode(StrEnum):
     WORKER_LOST = "worker_lost"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    # Said by the client when submitting (JetStream's answer, or none):
+    QUEUE_FULL = "queue_full"  # the intake stream is at its size or count limit
+    NOT_STORED = "not_stored"  # the intake stream refused the request, or never answered
+    BUS_UNREACHABLE = "bus_unreachable"  # NATS could not be reached to store it
 
 
 class JobState(StrEnum):

@@ -14,6 +14,13 @@ import msgpack
 from . import subjects as s
 from .validation import RequestError
 
+# JetStream drops a request whose Nats-Msg-Id it stored within this window: the intake
+# stream keeps it this long, and a client re-sends a request only within it.
+REQUEST_DEDUP_WINDOW_S = 120.0
+# Headers a native request carries on top of its payload (its inbox, content type and
+# dedup id take ~150 bytes); the intake stream's size limit counts them too.
+REQUEST_HEADER_ROOM_BYTES = 4096
+
 
 def encode_request(
     prompt: str | list[str],

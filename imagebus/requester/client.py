@@ -23,7 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ..connections import connect
+from ..connections import ConnectionEvents, connect
 from ..protocol import (
     FINAL_JOB_STATES,
     JobCancel,
@@ -34,18 +34,18 @@ from ..protocol import (
     control,
     encode,
     encode_request,
-    parse_pub_ack,
     request_headers,
     results,
 )
 from ..protocol import subjects as s
+from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
+from .storing import DEFAULT_SUBMIT_TIMEOUT_S, RequestStore
 
 T = TypeVar("T")
 
 _RECORD_LAG_S = 5.0
-_STORE_TIMEOUT_S = 5.0
 
 
 class ImageBusClient:
@@ -57,11 +57,18 @@ class ImageBusClient:
         inbox_prefix: str | None = None,
         connect_wait_s: float = 5.0,
         bus: BusSettings | None = None,
+        submit_timeout_s: float = DEFAULT_SUBMIT_TIMEOUT_S,
     ) -> None:
         """Connect to `bus` if given (the CLI builds it); else the arguments given win
-        over IMAGEBUS_NATS_URL, IMAGEBUS_NATS_CREDS and IMAGEBUS_NATS_INBOX_PREFIX."""
+        over IMAGEBUS_NATS_URL, IMAGEBUS_NATS_CREDS and IMAGEBUS_NATS_INBOX_PREFIX.
+        `submit` keeps trying to store a request for up to `submit_timeout_s`."""
         if bus is not None and (nats_url or creds_file or inbox_prefix):
             raise TypeError("pass either `bus` or nats_url/creds_file/inbox_prefix, not both")
+        if not 0 < submit_timeout_s < REQUEST_DEDUP_WINDOW_S:
+            # Past the stream's dedup window a re-sent copy would be stored twice.
+            raise ValueError(f"submit_timeout_s must be within (0, {REQUEST_DEDUP_WINDOW_S:g})")
+        self.submit_timeout_s = submit_timeout_s
+        self.events = ConnectionEvents()
         self.bus = bus or BusSettings.from_env(
             nats_url=nats_url, creds_file=creds_file, inbox_prefix=inbox_prefix
         )
@@ -74,7 +81,9 @@ class ImageBusClient:
         self._jobs: dict[str, Job] = {}
 
     async def __aenter__(self) -> ImageBusClient:
-        self.nc = await connect(self.bus, name="imagebus-requester", wait_s=self.connect_wait_s)
+        self.nc = await connect(
+            self.bus, name="imagebus-requester", wait_s=self.connect_wait_s, events=self.events
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -150,31 +159,9 @@ class ImageBusClient:
         return job
 
     async def _store_request(self, inbox: str, payload: bytes) -> None:
-        """A request/reply to the intake stream: JetStream's ack means it is stored and
-        will be served even if no orchestrator runs right now."""
         assert self.nc is not None
-        headers = request_headers(inbox)
-        try:
-            ack = await self.nc.request(
-                s.REQUEST_SUBJECT, payload, _STORE_TIMEOUT_S, headers=headers
-            )
-        except NoRespondersError:
-            raise ImageBusError(
-                "no orchestrator has set up the request stream on this bus; is one running?",
-                code="no_orchestrator",
-            ) from None
-        except (TimeoutError, NatsTimeoutError):
-            raise ImageBusError(
-                "the request stream did not confirm the request within 5 s (on a server with "
-                "per-user permissions: is --inbox-prefix / IMAGEBUS_NATS_INBOX_PREFIX an inbox "
-                "prefix this user may receive on?)",
-                "not_stored",
-            ) from None
-        answer = parse_pub_ack(ack.data, ack.headers)
-        if answer.error is not None:
-            raise ImageBusError(
-                f"the request stream refused the request: {answer.error}", "not_stored"
-            )
+        store = RequestStore(self.nc, self.bus, self.events, self.submit_timeout_s)
+        await store.store(request_headers(inbox), payload)
 
     async def _events_inbox(self) -> str:
         assert self.nc is not None

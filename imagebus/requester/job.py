@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ from ..protocol import (
 )
 from ..protocol import subjects as s
 from .files import save_image
+
+_CORRUPTED = "corrupted_result"
+# Copies of an image that arrive with chunks missing (lost while reconnecting) before
+# one is taken as its answer: the worker re-sends an unconfirmed result in full.
+_RESENDS_AWAITED = 2
 
 
 class ImageBusError(Exception):
@@ -96,6 +102,7 @@ class Job:
     results: dict[int, TaskResult] = field(default_factory=dict)
     _chunks: dict[int, list[bytes]] = field(default_factory=dict)
     duplicates: int = 0
+    _incomplete: Counter[int] = field(default_factory=Counter)  # copies missing chunks
     on_progress: ProgressCallback | None = None
     on_assigned: AssignedCallback | None = None
     _rejection: JobRejected | None = None
@@ -182,21 +189,14 @@ class Job:
                 if chunk.seq == len(parts):
                     parts.append(chunk.data)
             elif event == s.EVENT_RESULT:
-                result = decode(TaskResult, msg.data)
-                if msg.reply and self._nc is not None:
-                    await self._nc.publish(msg.reply, b"")  # confirm receipt to the worker
-                if result.index in self.results or not 0 <= result.index < self.n:
-                    self.duplicates += 1  # exactly one result per image: the first wins
-                    return
-                if result.chunks:
-                    result = self._reassemble(result)
-                if result.ok and result.png is None:
-                    raise ProtocolError("successful result without an image")
-                self.results[result.index] = result
-                if len(self.results) == self.n:
-                    self._done.set()
+                await self._on_result(msg)
             elif event == s.EVENT_ASSIGNED:
                 assigned = decode(TaskAssigned, msg.data)
+                if (
+                    assigned.index in self.results
+                    or self.workers.get(assigned.index) == assigned.worker_id
+                ):
+                    return  # a re-sent copy, or late news of an image already in
                 self.workers[assigned.index] = assigned.worker_id
                 if self.on_assigned:
                     self.on_assigned(assigned.index, assigned.worker_id)
@@ -210,6 +210,31 @@ class Job:
         except ProtocolError:
             pass  # not ours to crash on; a bad event simply does not count
 
+    async def _on_result(self, msg: Msg) -> None:
+        """Keep the first complete answer per image; confirm it to its worker, which
+        re-sends it (chunks and all) until confirmed, so copies after a reconnect are
+        dropped here, and an image whose chunks were lost in one is awaited again."""
+        result = decode(TaskResult, msg.data)
+        if result.index in self.results or not 0 <= result.index < self.n:
+            self.duplicates += 1  # exactly one result per image: the first wins
+            await self._confirm(msg)
+            return
+        if result.chunks:
+            result = self._reassemble(result)
+            if result.code == _CORRUPTED and self._incomplete[result.index] < _RESENDS_AWAITED:
+                self._incomplete[result.index] += 1
+                return  # not confirmed: its worker sends it again
+        if result.ok and result.png is None:
+            raise ProtocolError("successful result without an image")
+        await self._confirm(msg)
+        self.results[result.index] = result
+        if len(self.results) == self.n:
+            self._done.set()
+
+    async def _confirm(self, msg: Msg) -> None:
+        if msg.reply and self._nc is not None:
+            await self._nc.publish(msg.reply, b"")
+
     def _reassemble(self, head: TaskResult) -> TaskResult:
         parts = self._chunks.pop(head.index, [])
         png = b"".join(parts)
@@ -222,7 +247,7 @@ class Job:
                 head,
                 ok=False,
                 error=f"image arrived incomplete ({len(png)} of {head.size} bytes) or corrupted",
-                code="corrupted_result",
+                code=_CORRUPTED,
             )
         return dataclasses.replace(head, png=png)
 
