@@ -86,7 +86,7 @@ async def test_one_broken_gpu_of_three_fails_no_request(stack: Stack) -> None:
     async with ImageBusClient(stack.nats_url) as client:
         outcomes = await _generate_all(client, 100, at_once=6, timeout=120)
         failed = [o for o in outcomes if o is not None]
-        listing = {w.advert.worker_id: w for w in await client.workers()}
+        workers = await client.workers()
     assert await orchestrator.settle(SETTLE_S)
     attempts = await _attempts(stack.database_url)
     to_broken = {  # the jobs it took (a refusal of a stale direct claim is not one)
@@ -97,10 +97,11 @@ async def test_one_broken_gpu_of_three_fails_no_request(stack: Stack) -> None:
     print(
         f"\none broken GPU of three: 100 sent, {100 - len(failed)} succeeded, {len(failed)} "
         f"failed, {len(to_broken)} jobs given to the broken worker, "
-        f"{time.monotonic() - started:.1f}s; its breaker: {listing[broken.id].breaker}"
+        f"{time.monotonic() - started:.1f}s"
     )
     assert len(failed) <= 1, failed[:3]  # target 0
     assert len(to_broken) <= 5
+    listing = {w.advert.worker_id: w for w in workers}
     assert listing[broken.id].breaker in ("open", "half-open")
     assert listing[broken.id].breaker_failures >= 3
     assert all(listing[w.id].breaker == "closed" for w in good)
@@ -120,6 +121,7 @@ async def test_a_request_sent_before_any_worker_exists_waits_and_is_served(stack
         seen: list[tuple[str | None, str | None] | None] = []
         deadline = time.monotonic() + 8.0  # past the 3.8 s it used to fail after
         while time.monotonic() < deadline:
+            assert not job.done, job.results  # it once failed here, 3.8 s in
             try:
                 status = await client.job_status(job_id)
             except ImageBusError as exc:  # not recorded yet: the record is written behind
@@ -127,7 +129,6 @@ async def test_a_request_sent_before_any_worker_exists_waits_and_is_served(stack
             else:
                 task = status.tasks[0] if status.tasks else None
                 seen.append((task.phase, task.reason) if task else None)
-            assert not job.done, job.results
             await asyncio.sleep(0.5)
         worker = await stack.start_worker("late-comer")
         images = await job.wait(60)
@@ -151,14 +152,15 @@ async def test_rolling_restart_under_load_fails_no_request(stack: Stack) -> None
             while time.monotonic() < until:
                 request = client.generate(f"roll {len(sent)}", width=64, height=64, steps=2)
                 sent.append(asyncio.create_task(request))
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.4)
 
-        load = asyncio.create_task(send_for(14.0))
+        load = asyncio.create_task(send_for(19.0))
         await asyncio.sleep(1.0)
         for worker in list(stack.workers):  # SIGTERM's path: finish what runs, then leave
             await worker.stop(grace_s=10)
             stack.workers.remove(worker)
-        await asyncio.sleep(10.0)
+        # 10 s, plus the seconds a worker process needs to load its model.
+        await asyncio.sleep(15.0)
         for worker_id in ids:
             await stack.start_worker(worker_id)
         await load
