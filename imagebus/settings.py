@@ -189,6 +189,12 @@ class OrchestratorSettings:
     # Records waiting for PostgreSQL (it is down, say) beyond which no new request is
     # taken: they wait in the stream instead of in this process's memory.
     max_record_backlog: int = 50_000
+    # The circuit breaker: a worker that fails this many generations in a row (its
+    # fault: out of memory, a CUDA error...) gets no work for breaker_backoff_s, twice
+    # as long after each failed probe, at most breaker_max_backoff_s.
+    breaker_failures: int = 3
+    breaker_backoff_s: float = 10.0
+    breaker_max_backoff_s: float = 300.0
 
     @classmethod
     def from_env(
@@ -219,6 +225,9 @@ class OrchestratorSettings:
             results_ttl_s=e.number("IMAGEBUS_RESULTS_TTL", 86400.0, minimum=0.0),
             max_concurrent_jobs=e.integer("IMAGEBUS_MAX_CONCURRENT_JOBS", 1024, minimum=1),
             max_record_backlog=e.integer("IMAGEBUS_MAX_RECORD_BACKLOG", 50_000, minimum=1),
+            breaker_failures=e.integer("IMAGEBUS_BREAKER_FAILURES", 3, minimum=1),
+            breaker_backoff_s=e.number("IMAGEBUS_BREAKER_BACKOFF", 10.0, minimum=0.0),
+            breaker_max_backoff_s=e.number("IMAGEBUS_BREAKER_MAX_BACKOFF", 300.0, minimum=0.0),
         )
         return replace(read, **given)
 

@@ -46,8 +46,9 @@ async def test_generate_exit_codes(stack: Stack, tmp_path: Path) -> None:
     url = ["--nats-url", stack.nats_url, "--out", str(out)]
     code, _, stderr = await run_cli("generate", "x", "--width", "65", *url)
     assert code == 2 and "width must be a multiple of 8" in stderr
-    code, _, stderr = await run_cli("generate", "x", "--width", "64", "--height", "64", *url)
-    assert code == 1 and "no worker available" in stderr  # no worker is running
+    size = ["--width", "64", "--height", "64", "--queue-timeout", "1"]
+    code, _, stderr = await run_cli("generate", "x", *size, *url)
+    assert code == 1 and "no worker available" in stderr  # none joined within 1 s
     assert not out.exists()
     code, _, stderr = await run_cli("generate", "x", "--nats-url", "nats://127.0.0.1:1")
     assert code == 3 and "cannot reach NATS" in stderr

@@ -108,12 +108,26 @@ async def test_blacklisting_takes_effect_while_running(stack: Stack) -> None:
             await client.generate("not ok", width=64, height=64, steps=2, timeout=30)
 
 
-async def test_no_worker_at_all_fails_clearly(stack: Stack) -> None:
-    await stack.start_orchestrator(max_attempts=3)
+async def test_no_worker_at_all_waits_for_its_queue_timeout_then_fails_clearly(
+    stack: Stack,
+) -> None:
+    orchestrator = await stack.start_orchestrator(max_attempts=3, queue_timeout_s=2.0)
     async with ImageBusClient(stack.nats_url) as client:
+        started = asyncio.get_running_loop().time()
         with pytest.raises(GenerationFailed) as failed:
             await client.generate("alone", width=64, height=64, steps=2, timeout=30)
-    assert "3 no worker connected" in (failed.value.failures[0].error or "")
+        waited = asyncio.get_running_loop().time() - started
+    failure = failed.value.failures[0]
+    assert failure.code == "no_worker"
+    assert waited >= 2.0  # a wait, not a failure at the first empty round
+    # One count, and the reasons add up to it: every ask met no worker at all.
+    error = failure.error or ""
+    assert "no worker available within 2s: no worker connected (" in error, error
+    attempts = int(error.rsplit("(", 1)[1].split()[0])
+    assert attempts >= 6  # at least two rounds of 3
+    assert await orchestrator.settle(SETTLE_S)
+    (row,) = await _task_rows(stack.database_url)
+    assert row["recruit_attempts"] == attempts
 
 
 @pytest.mark.parametrize("fake", ["refuses", "garbles", "is gone"])

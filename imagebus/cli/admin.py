@@ -105,7 +105,10 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
         for item in listing:
             print(json.dumps({**dataclasses.asdict(item.advert),
                               "last_seen_s": item.last_seen_s,
-                              "blacklisted": item.blacklisted}))  # fmt: skip
+                              "blacklisted": item.blacklisted,
+                              "breaker": item.breaker,
+                              "breaker_open_s": item.breaker_open_s,
+                              "breaker_failures": item.breaker_failures}))  # fmt: skip
         return
     print(f"{'WORKER':32} {'MODELS':22} {'DEVICE':14} {'SLOTS':5} {'STATE':9} "
           f"{'DONE':>5} {'FAILED':>6} {'S/IMAGE':>7} {'SEEN':>6}")  # fmt: skip
@@ -113,6 +116,10 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
         a = item.advert
         device = a.device if not a.gpu_name else f"{a.device} {a.vram_gb:g}GB"
         state = "BLACKLISTED" if item.blacklisted else a.state
+        if not item.blacklisted and item.breaker == "open":
+            state = f"rest {item.breaker_open_s:.0f}s"  # its breaker is open: no work
+        elif not item.blacklisted and item.breaker == "half-open":
+            state = "probing"
         print(
             f"{a.worker_id:32} {','.join(a.models)[:22]:22} {device[:14]:14} "
             f"{a.free_slots}/{a.slots:<3} {state:9} {a.tasks_done:>5} {a.failures:>6} "
@@ -179,6 +186,8 @@ def print_job_status(status: JobStatus, *, as_json: bool) -> None:
         took = f" in {t.seconds:.2f}s" if t.seconds else ""
         line = f"  image {t.index}: {t.state}{progress} seed {t.seed}"
         line += f" on {t.worker_id or '-'}{took}, {t.attempts} attempt(s)"
+        if t.phase:
+            line += f" - {t.phase}: {t.reason}"
         print(line + (f" - {t.error}" if t.error else ""))
 
 

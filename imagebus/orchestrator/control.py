@@ -56,6 +56,7 @@ class ControlPlane:
         blacklist: BlacklistCache,
         registry: Registry,
         watches: Mapping[tuple[str, int], Watch],
+        waiting: Mapping[tuple[str, int], str],
         stats: Callable[[LoopLagSummary], OrchestratorStats],
         loop_lag: LoopLag,
         log: FilteringBoundLogger,
@@ -67,6 +68,7 @@ class ControlPlane:
         self.blacklist = blacklist
         self.registry = registry
         self.watches = watches
+        self.waiting = waiting
         self._stats = stats
         self.loop_lag = loop_lag
         self._log = log
@@ -112,10 +114,19 @@ class ControlPlane:
 
     async def _on_workers(self, msg: Msg) -> None:
         blacklisted = self.blacklist.ids
-        listing = [
-            WorkerListing(advert, round(age, 2), advert.worker_id in blacklisted)
-            for advert, age in self.registry.listing()
-        ]
+        listing = []
+        for advert, age in self.registry.listing():
+            breaker = self.registry.breaker.view(advert.worker_id)
+            listing.append(
+                WorkerListing(
+                    advert,
+                    round(age, 2),
+                    advert.worker_id in blacklisted,
+                    breaker.state.value,
+                    round(breaker.open_for_s, 1),
+                    breaker.failures,
+                )
+            )
         await self._answer(msg, WorkerList(listing))
 
     async def _on_schema(self, msg: Msg) -> None:
@@ -136,9 +147,14 @@ class ControlPlane:
             await self._answer_error(msg, ControlErrorCode.NOT_FOUND, f"no job {job_id!r}")
             return
         tasks = []
-        for task in found.tasks:  # the steps of those running here now
+        for task in found.tasks:  # live: the steps of those running here, why others wait
             watch = self.watches.get((job_id, task.index))
-            tasks.append(dataclasses.replace(task, step=watch.step) if watch else task)
+            waits_for = self.waiting.get((job_id, task.index))
+            if watch is not None:
+                task = dataclasses.replace(task, step=watch.step)
+            elif waits_for is not None:
+                task = dataclasses.replace(task, phase="waiting", reason=waits_for)
+            tasks.append(task)
         await self._answer(msg, dataclasses.replace(found, tasks=tasks))
 
     # --- administration ---------------------------------------------------------------

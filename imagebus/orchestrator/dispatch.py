@@ -3,17 +3,21 @@
 1. recruit: a slot handed over while the task waited, or a worker the pool view says
    has room, is assigned directly; otherwise ask `request-worker` (one random worker
    of the queue group answers) until a willing, non-blacklisted worker offers a
-   reserved slot, at most `max_attempts` asks per round. A round in which some
-   worker was merely busy means the pool is saturated: the task waits for a
-   capacity notice and tries again, up to `queue_timeout_s`. A round that met no
-   worker that could ever take it (none connected, only blacklisted or unfit ones)
-   fails the task.
+   reserved slot, at most `max_attempts` asks per round. A round that found none
+   for a reason that may change (every worker busy, none connected at all, workers
+   restarting or resting) means a wait: for a freed slot or a new worker, then it
+   tries again, up to `queue_timeout_s`; the job's status says why it waits. A round
+   that met only workers that could never take it (blacklisted, or not holding the
+   model, device or size asked for) fails the task.
 2. assign: send the TaskAssignment to that worker's own subject. It takes it
    silently, or refuses it on the assignment's reply subject.
 3. watch: the worker streams progress and the result straight to the requester and
-   sends a TaskReport here, with heartbeats meanwhile.
+   sends a TaskReport here, with heartbeats meanwhile. A failure that is the worker's
+   fault (its GPU, driver or model) goes to the orchestrator only.
 4. settle: each attempt ends in an `AttemptOutcome`; `classify` says what follows
-   (answered, recruit again, re-assign). The task's record is written behind.
+   (answered, recruit again, re-assign: a worker's fault is re-assigned to another
+   worker, not the same one if another fits). The worker's circuit breaker hears
+   the verdict. The task's record is written behind.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import Enum, StrEnum
 
 from nats.aio.client import Client
 from structlog.typing import FilteringBoundLogger
@@ -33,6 +36,7 @@ from ..db import AttemptRecord, Record, TaskUpdate
 from ..protocol import (
     AssignmentRefused,
     ErrorCode,
+    Fault,
     JobCancel,
     RecruitCall,
     TaskAssignment,
@@ -45,38 +49,11 @@ from ..protocol import (
 )
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
+from .attempts import AttemptOutcome, Next, TaskFailure, TaskRun, classify, says_worker_works
 from .capacity import CapacitySignal
 from .jobs import RunningJob
-from .recruit import Recruiter, RecruitRound
+from .recruit import REFUSED, Recruiter, RecruitRound, describe
 from .registry import Registry
-
-
-class AttemptOutcome(StrEnum):
-    """How one assignment of a task to a worker ended (recorded in task_attempts)."""
-
-    DONE = "done"
-    FAILED = "failed"  # the worker reported an error (already sent to the requester)
-    CANCELLED = "cancelled"
-    REFUSED = "refused"  # the worker refused it, or no worker listened on its subject
-    LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
-    TIMEOUT = "timeout"  # it overran the task timeout
-    LATE = "late"  # a report that came after the task had been re-assigned
-
-
-class Next(Enum):
-    """What follows an attempt."""
-
-    ANSWERED = "answered"  # the requester has the task's final answer
-    RECRUIT_AGAIN = "recruit again"  # the worker never took it: find another
-    REASSIGN = "reassign"  # the worker took it and was lost: give it to another
-
-
-def classify(outcome: AttemptOutcome) -> Next:
-    if outcome in (AttemptOutcome.DONE, AttemptOutcome.FAILED, AttemptOutcome.CANCELLED):
-        return Next.ANSWERED
-    if outcome is AttemptOutcome.REFUSED:
-        return Next.RECRUIT_AGAIN
-    return Next.REASSIGN
 
 
 @dataclass
@@ -91,39 +68,11 @@ class Watch:
     step: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class TaskFailure:
-    """Why a task ends without an image, as the requester and the record are told."""
-
-    error: str
-    code: ErrorCode
-    attempts: int | None = None  # recruitment asks, when they are the story
-    worker_id: str | None = None
-
-
-@dataclass(slots=True)
-class TaskRun:
-    """One task on its way through the state machine."""
-
-    job: RunningJob
-    index: int
-    call: RecruitCall
-    queue_timeout: float
-    deadline: float  # of the current wait for a worker
-    log: FilteringBoundLogger  # bound to the job and the task
-    asks: int = 0  # recruitment asks so far
-    assignments: int = 0  # refused ones included: each is an attempt on record
-    lost: int = 0  # assignments whose worker died or overran
-    tried: set[str] = field(default_factory=set)  # the workers it was assigned to
-    heard_lately: bool = True  # whether the free-slot view can be trusted to say "all busy"
-    handed: str | None = None  # a slot handed to this task while it waited
-    was_in_line: bool = False  # it waited already: if it must wait again, it goes first
-
-
 class Dispatcher:
     """Runs a job's tasks. It keeps the tasks assigned now in `watches`, by (job id,
     index), where the orchestrator's callbacks deliver the workers' reports and
-    heartbeats."""
+    heartbeats, and why each task waiting for a worker waits in `waiting` (for the
+    job's status)."""
 
     def __init__(
         self,
@@ -145,6 +94,7 @@ class Dispatcher:
         self._record = record
         self._log = log
         self.watches = watches
+        self.waiting: dict[tuple[str, int], str] = {}
         self.recruiter = Recruiter(
             nc,
             registry,
@@ -186,6 +136,8 @@ class Dispatcher:
             if index not in job.answered:
                 failure = TaskFailure(f"internal error: {exc!r}", ErrorCode.INTERNAL)
                 await self.fail_task(job, index, failure)
+        finally:
+            self.waiting.pop((job.job_id, index), None)
 
     async def _dispatch(self, job: RunningJob, index: int) -> None:
         task = self._start(job, index)
@@ -200,10 +152,12 @@ class Dispatcher:
                 failure = TaskFailure("cancelled by the requester", ErrorCode.CANCELLED)
                 break
             round_ = await self.recruiter.find_worker(
-                task.call, trust_view=task.heard_lately, handed=task.handed
+                task.call, trust_view=task.heard_lately, handed=task.handed, avoid=self._avoid(task)
             )
             task.handed = None
             task.asks += round_.asks
+            if round_.asks:  # not a wait the pool view advised (no ask made)
+                task.declined.update(round_.declined)
             if round_.offer is None:
                 found = await self._wait_for_slot(task, round_)
             else:
@@ -235,23 +189,35 @@ class Dispatcher:
         log = self._log.bind(job_id=job.job_id, index=index)
         return TaskRun(job, index, call, queue_timeout, time.monotonic() + queue_timeout, log)
 
+    def _avoid(self, task: TaskRun) -> frozenset[str]:
+        """The workers that failed the task already, if another live one fits it."""
+        tried = frozenset(task.tried)
+        if tried and self.registry.fits_somewhere(task.call, self._blacklisted() | tried):
+            return tried
+        return frozenset()
+
     def _after_attempt(
         self, task: TaskRun, offer: WorkerOffer, outcome: AttemptOutcome
     ) -> TaskFailure | None:
         """After an attempt that left the task unanswered: go on (None), or give up."""
         if classify(outcome) is Next.RECRUIT_AGAIN:
+            task.declined[REFUSED] += 1
             if time.monotonic() < task.deadline:
                 return None  # the worker did not take it: find another
             error = f"no worker took the image within {task.queue_timeout:g}s"
             return TaskFailure(error, ErrorCode.QUEUE_TIMEOUT)
         task.lost += 1
+        task.tried.add(offer.worker_id)
         if task.lost > self.settings.max_reassignments:
+            last = task.last_error or outcome.value
             error = (
                 f"gave up after {task.lost} workers failed to finish the image "
-                f"(last: {offer.worker_id}, {outcome.value})"
+                f"(last: {offer.worker_id}, {last})"
             )
-            lost = outcome is AttemptOutcome.LOST
-            code = ErrorCode.WORKER_LOST if lost else ErrorCode.TASK_TIMEOUT
+            code = {
+                AttemptOutcome.LOST: ErrorCode.WORKER_LOST,
+                AttemptOutcome.WORKER_FAULT: ErrorCode.GENERATION_FAILED,
+            }.get(outcome, ErrorCode.TASK_TIMEOUT)
             task.log.warning("task failed", error=error)
             return TaskFailure(error, code, worker_id=offer.worker_id)
         task.log.warning("re-assigning task", reason=outcome.value, worker_id=offer.worker_id)
@@ -259,17 +225,18 @@ class Dispatcher:
         return None
 
     async def _wait_for_slot(self, task: TaskRun, round_: RecruitRound) -> TaskFailure | None:
-        """After a round that found no worker: wait for a slot (None), or give up."""
+        """After a round that found no worker: wait for a slot or a worker (None), or
+        give up. It waits unless the round met only workers that could never take it
+        (blacklisted or unfit), and no fitting worker is registered: none connected at
+        all is a wait (workers may be starting or restarting), not a failure."""
         remaining = task.deadline - time.monotonic()
-        # Wait for a slot if the pool is merely busy, if this task's worker was
-        # lost (its replacement may be restarting right now), or if a fitting
-        # worker is registered but the queue group kept picking unfit ones.
         worth_waiting = (
-            round_.saturated
+            not round_.hopeless
             or task.lost
             or self.registry.fits_somewhere(task.call, self._blacklisted())
         )
         if worth_waiting and remaining > 0:
+            self.waiting[(task.job.job_id, task.index)] = self._why_waiting(round_)
             # A wait that no capacity notice ends means the view may be stale (a
             # notice lost, a worker restarted): the next try asks around instead.
             task.heard_lately, task.handed = await self.capacity.wait(
@@ -277,15 +244,32 @@ class Dispatcher:
             )
             task.was_in_line = True
             return None
-        if worth_waiting:
-            error = f"no worker slot freed up within {task.queue_timeout:g}s"
-            code = ErrorCode.QUEUE_TIMEOUT
-        else:
-            declined = round_.describe()
-            error = f"no worker available after {task.asks} attempts ({declined})"
+        attempts = sum(task.declined.values())  # the count its reasons add up to
+        if not worth_waiting:
+            error = f"no worker available after {attempts} attempts ({describe(task.declined)})"
             code = ErrorCode.NO_WORKER
+        elif round_.empty_pool:
+            error = (
+                f"no worker available within {task.queue_timeout:g}s: no worker connected "
+                f"({attempts} attempts)"
+            )
+            code = ErrorCode.NO_WORKER
+        else:
+            error = (
+                f"no worker slot freed up within {task.queue_timeout:g}s "
+                f"({attempts} attempts: {describe(task.declined)})"
+            )
+            code = ErrorCode.QUEUE_TIMEOUT
         task.log.warning("task failed: no worker", error=error, attempts=task.asks)
         return TaskFailure(error, code, attempts=task.asks)
+
+    def _why_waiting(self, round_: RecruitRound) -> str:
+        """What a waiting task's status says it waits for."""
+        if round_.empty_pool and not self.registry.live():
+            return "no worker connected"
+        if round_.saturated:
+            return "every fitting worker is busy"
+        return f"no worker free ({describe(round_.declined)})"
 
     async def _attempt(self, task: TaskRun, offer: WorkerOffer) -> AttemptOutcome:
         """Assign the task to `offer`'s worker and watch it until it ends.
@@ -298,8 +282,9 @@ class Dispatcher:
         """
         job = task.job
         task.assignments += 1
-        task.tried.add(offer.worker_id)
         key = (job.job_id, task.index)
+        self.waiting.pop(key, None)
+        self.registry.breaker.assigned(offer.worker_id)
         watch = Watch(offer.worker_id, task.assignments, asyncio.get_running_loop().create_future())
         self.watches[key] = watch  # before assigning: a fast worker may report at once
         log = task.log.bind(worker_id=offer.worker_id)
@@ -309,8 +294,19 @@ class Dispatcher:
             log.info("task assigned", attempts=task.asks, attempt=watch.attempt)
             timeout = job.request.task_timeout_s or self.settings.task_timeout_s
             outcome, report = await self._watch(watch, timeout)
+        except BaseException:  # cancelled (its job timed out, say): no verdict on the worker
+            self.registry.breaker.ended(offer.worker_id)
+            raise
         finally:
             self.watches.pop(key, None)
+        if isinstance(report, TaskReport) and not report.ok and report.fault == Fault.WORKER:
+            outcome = AttemptOutcome.WORKER_FAULT  # not sent to the requester: try another
+            task.last_error = report.error
+        breaker = self.registry.breaker
+        if breaker.judge(offer.worker_id, says_worker_works(outcome)):
+            view = breaker.view(offer.worker_id)
+            log.warning("worker's breaker open: no work for it meanwhile",
+                        failures=view.failures, seconds=round(view.open_for_s, 1))  # fmt: skip
         await self._settle(task, offer, watch.attempt, started_at, outcome, report, log)
         return outcome
 
@@ -378,7 +374,7 @@ class Dispatcher:
         if report is None:
             # Lost or overran: make sure it stops and frees its slot, then re-assign.
             await self.publish_cancel(JobCancel(job_id, index, f"re-assigned: {outcome}"))
-        elif isinstance(report, TaskReport):
+        elif isinstance(report, TaskReport) and outcome is not AttemptOutcome.WORKER_FAULT:
             state = TaskState.DONE if report.ok else TaskState.FAILED
             log.info(
                 "task finished", state=state, seconds=round(report.seconds, 3), error=report.error

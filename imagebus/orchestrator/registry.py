@@ -7,6 +7,10 @@ with no recruitment round trip, and let tasks wait quietly while every fitting
 worker is known busy instead of asking around. The worker stays the authority:
 it refuses an assignment it has no slot for, and the orchestrator then recruits
 through the queue group as usual.
+
+The registry also holds each worker's circuit breaker (breaker.py): a worker whose
+breaker is open is never claimed nor handed a slot, though it still counts as a
+worker that could take a task later (so a task waits for it rather than fails).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from collections.abc import Iterator
 
 from ..protocol import OfferReason, RecruitCall, WorkerAdvert
 from ..protocol.routing import describe_unfit, unfit_reason
+from .breaker import Breaker
 
 # A worker not heard from for this long is taken as gone (it advertises every 2 s).
 LIVE_FOR_S = 10.0
 
 
 class Registry:
-    def __init__(self, warm_after_s: float = 3.0) -> None:
+    def __init__(self, warm_after_s: float = 3.0, breaker: Breaker | None = None) -> None:
+        self.breaker = breaker or Breaker()
         # Until it has listened this long, the registry may not know every worker yet.
         self.warm_after_s = warm_after_s
         self._workers: dict[str, tuple[WorkerAdvert, float]] = {}
@@ -32,6 +38,13 @@ class Registry:
         self._started = time.monotonic()
 
     def update(self, advert: WorkerAdvert) -> None:
+        known = self._workers.get(advert.worker_id)
+        if known is not None and (
+            (known[0].state == "draining" and advert.state != "draining")
+            or time.monotonic() - known[1] > LIVE_FOR_S
+        ):
+            # A new process under the same id (a restart): its reports number from 0.
+            self._free_seq.pop(advert.worker_id, None)
         self._workers[advert.worker_id] = (advert, time.monotonic())
         self.note_free(advert.worker_id, advert.free_slots, advert.free_seq)
 
@@ -53,15 +66,19 @@ class Registry:
         return self._free.get(worker_id, 0)
 
     def fits(self, worker_id: str, call: RecruitCall) -> bool:
-        """Whether this live worker could take `call` (blacklisting aside)."""
+        """Whether this live worker could take `call` now (blacklisting aside): not
+        while its breaker is open."""
+        if not self.breaker.allows(worker_id):
+            return False
         known = self._workers.get(worker_id)
         if known is None or time.monotonic() - known[1] > LIVE_FOR_S:
             return False
         return unfit_reason(known[0], call) is None
 
     def claim(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
-        """A live, trusted, fitting worker believed to have a free slot; the slot is
-        counted as taken. None if the view knows of none."""
+        """A live, trusted, fitting worker believed to have a free slot and whose breaker
+        allows it work (`blacklisted`: every id to pass over); the slot is counted as
+        taken. None if the view knows of none."""
         worker_id = self._free_fitting(call, blacklisted)
         if worker_id is not None:
             self.note_free(worker_id, self._free[worker_id] - 1)

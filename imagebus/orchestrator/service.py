@@ -46,6 +46,7 @@ from ..protocol import subjects as s
 from ..protocol.control import LoopLagSummary, OrchestratorStats
 from ..protocol.events import Outbound
 from ..settings import OrchestratorSettings
+from .breaker import Breaker
 from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import AttemptOutcome, Dispatcher, Watch
@@ -65,7 +66,10 @@ class Orchestrator:
         self.dispatcher: Dispatcher | None = None
         self.intake: Intake | None = None
         self.capacity = CapacitySignal(on_unclaimed=self._slot_unclaimed)
-        self.registry = Registry(settings.registry_warm_s)
+        breaker = Breaker(
+            settings.breaker_failures, settings.breaker_backoff_s, settings.breaker_max_backoff_s
+        )
+        self.registry = Registry(settings.registry_warm_s, breaker)
         self.loop_lag = LoopLag()
         self._subscriptions: list[Subscription] = []
         self._running_jobs: dict[str, RunningJob] = {}
@@ -106,6 +110,7 @@ class Orchestrator:
             blacklist=self.blacklist,
             registry=self.registry,
             watches=self._watches,
+            waiting=self.dispatcher.waiting,
             stats=self._stats,
             loop_lag=self.loop_lag,
             log=self._log,

@@ -53,6 +53,13 @@ class ErrorCode(StrEnum):
     BUS_UNREACHABLE = "bus_unreachable"  # NATS could not be reached to store it
 
 
+class Fault(StrEnum):
+    """Whose fault a failed generation is (TaskResult.fault, TaskReport.fault)."""
+
+    WORKER = "worker"  # out of memory, a CUDA or driver error, a broken model: retry elsewhere
+    REQUEST = "request"  # a parameter the model does not support: no worker would do better
+
+
 class JobState(StrEnum):
     """A job's state, as recorded and reported (`imagebus job status`)."""
 
@@ -198,6 +205,9 @@ class TaskReport:
     error: str | None = None
     code: str | None = None
     png_bytes: int = 0
+    # A Fault when not ok. A worker's fault was not sent to the requester: the
+    # orchestrator retries it elsewhere and answers the requester itself.
+    fault: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +250,11 @@ class WorkerListing:
     advert: WorkerAdvert
     last_seen_s: float  # seconds ago
     blacklisted: bool
+    # The circuit breaker: "closed" (gets work), "open" (failed again and again: no
+    # work for `breaker_open_s` more seconds) or "half-open" (one probe task allowed).
+    breaker: str = "closed"
+    breaker_open_s: float = 0.0
+    breaker_failures: int = 0  # worker-fault failures in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +268,10 @@ class TaskStatus:
     attempts: int = 0
     step: int = 0
     steps: int = 0
+    # Live, from the orchestrator serving it: "waiting" while it waits for a worker,
+    # and why, e.g. reason "no worker connected" (None when recorded state says it all).
+    phase: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +360,7 @@ class TaskResult:
     chunks: int = 0
     size: int = 0
     sha256: str | None = None
+    fault: str | None = None  # a Fault when not ok (see TaskReport.fault)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,11 @@ class GenerationCancelled(Exception):
     pass
 
 
+class UnsupportedRequest(ValueError):
+    """The request asks for something this model cannot do: the request's fault, not
+    the worker's (no other worker holding the model would do better)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RenderedImage:
     """An image as the model made it: a PNG, its size, and the seconds its batch took."""
@@ -161,7 +166,7 @@ class DiffusionEngine:
         }
         if any(item.params.negative_prompt for item in items):
             if "negative_prompt" not in self._accepts:
-                raise ValueError(f"model {self.model!r} does not support negative_prompt")
+                raise UnsupportedRequest(f"model {self.model!r} does not support negative_prompt")
             # "" is what diffusers itself uses for an image without one.
             kwargs["negative_prompt"] = [item.params.negative_prompt or "" for item in items]
 

@@ -1,7 +1,11 @@
 """What a task ends with: its result for the requester and its report for the orchestrator.
 
 Every result and report a worker sends is built here, so that how a failure is
-classified (the request's fault, the worker's, a cancellation) is decided in one place.
+classified is decided in one place: the request's fault (a parameter the model does
+not support: no worker would do better, so it fails at once and the requester is
+told by this worker), the worker's fault (out of memory, a CUDA or driver error, a
+model that fails to run: the orchestrator retries it elsewhere, and the requester
+hears only the final outcome), or a cancellation.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from collections.abc import Awaitable
 
 import structlog
 
-from ..protocol import ErrorCode, TaskAssignment, TaskReport, TaskResult
-from .engine import GenerationCancelled, RenderedImage
+from ..protocol import ErrorCode, Fault, TaskAssignment, TaskReport, TaskResult
+from .engine import GenerationCancelled, RenderedImage, UnsupportedRequest
 
 
 async def result_of(
@@ -25,10 +29,13 @@ async def result_of(
         image = await rendering
     except GenerationCancelled:
         return failure(assignment, worker_id, "cancelled", ErrorCode.CANCELLED)
-    except Exception as exc:
+    except UnsupportedRequest as exc:
+        log.info("request not supported by the model", error=str(exc))
+        return failure(assignment, worker_id, str(exc), ErrorCode.GENERATION_FAILED, Fault.REQUEST)
+    except Exception as exc:  # anything else is this worker's (its GPU, driver, model)
         log.exception("generation failed")
         error = f"{type(exc).__name__}: {exc}"
-        return failure(assignment, worker_id, error, ErrorCode.GENERATION_FAILED)
+        return failure(assignment, worker_id, error, ErrorCode.GENERATION_FAILED, Fault.WORKER)
     return TaskResult(
         job_id=assignment.job_id,
         index=assignment.index,
@@ -42,7 +49,13 @@ async def result_of(
     )
 
 
-def failure(assignment: TaskAssignment, worker_id: str, error: str, code: ErrorCode) -> TaskResult:
+def failure(
+    assignment: TaskAssignment,
+    worker_id: str,
+    error: str,
+    code: ErrorCode,
+    fault: Fault | None = None,
+) -> TaskResult:
     return TaskResult(
         job_id=assignment.job_id,
         index=assignment.index,
@@ -51,11 +64,18 @@ def failure(assignment: TaskAssignment, worker_id: str, error: str, code: ErrorC
         worker_id=worker_id,
         error=error,
         code=code,
+        fault=fault,
     )
 
 
+def for_the_requester(result: TaskResult) -> bool:
+    """Whether the worker sends this result to the requester itself: not a failure of
+    its own, which the orchestrator retries on another worker."""
+    return result.fault != Fault.WORKER
+
+
 def report_of(result: TaskResult, worker_id: str, seconds: float) -> TaskReport:
-    """The orchestrator's account of a task, from the result the requester got."""
+    """The orchestrator's account of a task, from the task's result."""
     return TaskReport(
         job_id=result.job_id,
         index=result.index,
@@ -65,4 +85,5 @@ def report_of(result: TaskResult, worker_id: str, seconds: float) -> TaskReport:
         error=result.error,
         code=result.code,
         png_bytes=len(result.png or b""),
+        fault=result.fault,
     )

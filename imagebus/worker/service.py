@@ -25,6 +25,8 @@ from ..looplag import LoopLag
 from ..protocol import (
     AssignmentRefused,
     CapacityNotice,
+    ErrorCode,
+    Fault,
     JobCancel,
     OfferReason,
     ProtocolError,
@@ -48,7 +50,7 @@ from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
 from .identity import check_id_unused
-from .outcomes import report_of, result_of
+from .outcomes import failure, for_the_requester, report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
 
@@ -410,6 +412,15 @@ class Worker:
         assignment = running.assignment
         try:
             await self._run_body(running, queued)
+        except asyncio.CancelledError:  # aborted by stop(): another worker should take it
+            if self.nc is not None and not running.reassigned:
+                aborted = failure(
+                    assignment, self.id, "worker shutting down", ErrorCode.WORKER_LOST, Fault.WORKER
+                )
+                report = report_of(aborted, self.id, time.monotonic() - running.started)
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(assignment.report_subject, encode(report))
+            raise
         except Exception:
             self._log.exception("task ended badly", job_id=assignment.job_id)
         finally:
@@ -437,7 +448,9 @@ class Worker:
         )
         # The copy and the result go out in one write (a write per message is most of
         # the bus's cost per job). The slot was freed when the image was rendered.
-        if not running.reassigned:
+        # A failure of this worker's own goes to the orchestrator only: it retries it
+        # on another worker, and answers the requester itself if none succeeds.
+        if not running.reassigned and for_the_requester(result):
             if result.ok and result.png is not None:
                 await self._delivery.keep(assignment.job_id, assignment.index, result.png)
             if not await self._delivery.deliver(messages, dialect):
