@@ -47,7 +47,7 @@ from ..settings import WorkerSettings
 from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
-from .identity import check_id_unused
+from .identity import IdClaim
 from .outcomes import report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
@@ -80,6 +80,7 @@ class Worker:
         self._running: dict[tuple[str, int], RunningTask] = {}
         self._runs: dict[asyncio.Task[None], RunningTask] = {}  # for stop()
         self._heartbeats: asyncio.Task[None] | None = None
+        self._id_claim: IdClaim | None = None
         self._draining = False
         self._subscriptions: list[Subscription] = []
         self._executor = ThreadPoolExecutor(
@@ -102,10 +103,21 @@ class Worker:
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        """Claim the worker id on the bus (WorkerIdInUse if a running worker holds it),
+        load the models, then take work."""
         self.loop_lag.start()
-        await self._load_engines()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
-        await check_id_unused(self.nc, self.id)
+        # Before the model loads, which takes a while: a second worker with this id is
+        # refused in under a second, and two started at once cannot both pass.
+        self._id_claim = IdClaim(self.nc, self.id, self._log)
+        try:
+            await self._id_claim.acquire()
+            await self._load_engines()
+        except BaseException:
+            await self._id_claim.release()
+            await self.loop_lag.stop()
+            await self.nc.close()
+            raise
         self._delivery = Delivery(self.nc, self._log, self._copy_answer_within_s)
         self._subscriptions = [
             await self._delivery.subscribe(),
@@ -172,6 +184,8 @@ class Worker:
         for batcher in self._batchers.values():
             await batcher.stop()
         await self.loop_lag.stop()
+        if self._id_claim is not None:
+            await self._id_claim.release()  # last: it held the id while it ran tasks
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
