@@ -49,6 +49,7 @@ from .capacity import CapacitySignal
 from .jobs import RunningJob
 from .recruit import Recruiter, RecruitRound
 from .registry import Registry
+from .watch import Watch
 
 
 class AttemptOutcome(StrEnum):
@@ -60,6 +61,7 @@ class AttemptOutcome(StrEnum):
     REFUSED = "refused"  # the worker refused it, or no worker listened on its subject
     LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
     TIMEOUT = "timeout"  # it overran the task timeout
+    STALLED = "stalled"  # its heartbeats went on, its denoising step did not advance
     LATE = "late"  # a report that came after the task had been re-assigned
 
 
@@ -77,18 +79,6 @@ def classify(outcome: AttemptOutcome) -> Next:
     if outcome is AttemptOutcome.REFUSED:
         return Next.RECRUIT_AGAIN
     return Next.REASSIGN
-
-
-@dataclass
-class Watch:
-    """An assigned task being watched: its worker's heartbeats and final report (or
-    its refusal of the assignment)."""
-
-    worker_id: str
-    attempt: int  # which assignment of the task this is: a refusal names it
-    report: asyncio.Future[TaskReport | AssignmentRefused]
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    step: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +402,8 @@ class Dispatcher:
                     return AttemptOutcome.TIMEOUT, None
                 if now - watch.last_heartbeat > heartbeat_timeout:
                     return AttemptOutcome.LOST, None
+                if watch.stalled(now, self.settings.stall_factor, self.settings.stall_floor_s):
+                    return AttemptOutcome.STALLED, None
                 continue
             if isinstance(report, AssignmentRefused):
                 return AttemptOutcome.REFUSED, report

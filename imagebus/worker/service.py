@@ -256,18 +256,25 @@ class Worker:
             beats += 1
             try:
                 for running in list(self._running.values()):
-                    a = running.assignment
-                    if a.heartbeat_subject and self.nc is not None:
-                        beat = TaskHeartbeat(
-                            a.job_id, a.index, self.id, running.step, a.params.steps
-                        )
-                        await self.nc.publish(a.heartbeat_subject, encode(beat))
+                    if running.assignment.heartbeat_subject and self.nc is not None:
+                        beat = self._heartbeat(running)
+                        await self.nc.publish(running.assignment.heartbeat_subject, encode(beat))
                 if beats % every == 0:
                     await self._advertise()
                 if self._delivery is not None:
                     self._delivery.give_up_unanswered_copies()
             except Exception as exc:  # a missed beat is survivable; a dead loop is not
                 self._log.warning("heartbeat failed", error=repr(exc))
+
+    def _heartbeat(self, running: RunningTask) -> TaskHeartbeat:
+        """A task's heartbeat: its step, and the yardstick for its progress (whether its
+        image is being made, and this model's measured seconds per step)."""
+        a = running.assignment
+        engine = self.engines.get(a.params.model or "", self.default_engine)
+        step_s = self._batchers[engine.model].seconds_per_step
+        return TaskHeartbeat(
+            a.job_id, a.index, self.id, running.step, a.params.steps, running.making_image, step_s
+        )
 
     # --- bus callbacks -------------------------------------------------------------
 
@@ -400,13 +407,14 @@ class Worker:
             progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
             await self._send(events.progress(dialect, assignment.reply_inbox, progress))
 
-        return self._batchers[engine.model].submit(
+        running.queued = self._batchers[engine.model].submit(
             assignment.params,
             assignment.seed,
             on_step,
             lambda: running.cancelled,
             lambda: self._rendered(running),
         )
+        return running.queued
 
     def _forget_run(self, run: asyncio.Task[None]) -> None:
         self._runs.pop(run, None)
