@@ -115,8 +115,12 @@ async def test_two_worker_processes_with_one_id(nats_url: str) -> None:
         stderr = (await refused.stderr.read()).decode()
         assert "already used by a running worker" in stderr, stderr
         took = time.monotonic() - started
-        print(f"two worker processes, one id: one refused (exit 2) {took:.1f}s after both started")
         await wait_for_workers(nats_url, ["twin"], timeout=60)
+        ready = time.monotonic() - started
+        print(
+            f"two worker processes, one id: one refused (exit 2) {took:.1f}s after both "
+            f"started, the other serving after {ready:.1f}s"
+        )
         assert await _answering(nats_url, "twin") == 1
     finally:
         for process in (first, second):
