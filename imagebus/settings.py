@@ -171,6 +171,12 @@ class OrchestratorSettings:
     heartbeat_timeout_s: float = 5.0
     # ...at most this many times, then it fails.
     max_reassignments: int = 3
+    # A task whose denoising step stops advancing (its worker's heartbeats go on, its
+    # model hangs) is re-assigned after stall_factor times the worker's measured
+    # seconds per step, and never sooner than stall_floor_s (twice that for the first
+    # step: text encoding, a new size's warm-up). stall_factor 0 turns this off.
+    stall_factor: float = 20.0
+    stall_floor_s: float = 10.0
     # Durable intake: a job's request is redelivered if its orchestrator stays silent this
     # long (it keeps the message in progress while it runs), at most this many times.
     intake_ack_wait_s: float = 30.0
@@ -217,6 +223,8 @@ class OrchestratorSettings:
             task_timeout_s=e.number("IMAGEBUS_TASK_TIMEOUT", 600.0, minimum=0.0),
             heartbeat_timeout_s=e.number("IMAGEBUS_HEARTBEAT_TIMEOUT", 5.0, minimum=0.0),
             max_reassignments=e.integer("IMAGEBUS_MAX_REASSIGNMENTS", 3, minimum=0),
+            stall_factor=e.number("IMAGEBUS_STALL_FACTOR", 20.0, minimum=0.0),
+            stall_floor_s=e.number("IMAGEBUS_STALL_FLOOR", 10.0, minimum=0.0),
             intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 30.0, minimum=0.0),
             intake_max_deliver=e.integer("IMAGEBUS_INTAKE_MAX_DELIVER", 20, minimum=1),
             intake_max_age_s=e.number("IMAGEBUS_INTAKE_MAX_AGE", 86400.0, minimum=0.0),

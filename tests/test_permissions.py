@@ -137,6 +137,13 @@ async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
         assert await _refused(worker, worker_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
         await worker.publish(s.ADMIN_BLACKLIST_SUBJECT, b"", reply="_INBOX.gpu-1.x")
         assert await _refused(worker, worker_errors, f'Publish to "{s.ADMIN_BLACKLIST_SUBJECT}"')
+        # It holds its own worker id, and cannot take, free or read another's.
+        other_key = s.worker_id_key_subject("gpu-2")
+        await worker.publish(other_key, b"x", reply="_INBOX.gpu-1.x")
+        assert await _refused(worker, worker_errors, f'Publish to "{other_key}"')
+        other_read = f"$JS.API.DIRECT.GET.KV_{s.WORKER_IDS_BUCKET}.{other_key}"
+        await worker.publish(other_read, b"", reply="_INBOX.gpu-1.x")
+        assert await _refused(worker, worker_errors, f'Publish to "{other_read}"')
     finally:
         await alice.close()
         await worker.close()

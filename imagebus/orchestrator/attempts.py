@@ -23,6 +23,7 @@ class AttemptOutcome(StrEnum):
     REFUSED = "refused"  # the worker refused it, or no worker listened on its subject
     LOST = "lost"  # its heartbeats stopped: crashed, killed or cut off
     TIMEOUT = "timeout"  # it overran the task timeout
+    STALLED = "stalled"  # its heartbeats went on, its denoising step did not advance
     LATE = "late"  # a report that came after the task had been re-assigned
 
 
@@ -44,10 +45,17 @@ def classify(outcome: AttemptOutcome) -> Next:
 
 def says_worker_works(outcome: AttemptOutcome) -> bool | None:
     """What the attempt says of its worker, for its circuit breaker: it works (True),
-    it failed (False: its GPU, driver or model, or it was lost or overran), or nothing."""
+    it failed (False: its GPU, driver or model, or it was lost, stalled or overran), or
+    nothing."""
     if outcome is AttemptOutcome.DONE:
         return True
-    if outcome in (AttemptOutcome.WORKER_FAULT, AttemptOutcome.LOST, AttemptOutcome.TIMEOUT):
+    worker_failed = (
+        AttemptOutcome.WORKER_FAULT,
+        AttemptOutcome.LOST,
+        AttemptOutcome.STALLED,
+        AttemptOutcome.TIMEOUT,
+    )
+    if outcome in worker_failed:
         return False
     return None
 

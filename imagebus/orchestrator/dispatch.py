@@ -26,7 +26,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
@@ -54,18 +53,7 @@ from .capacity import CapacitySignal
 from .jobs import RunningJob
 from .recruit import REFUSED, Recruiter, RecruitRound, describe
 from .registry import Registry
-
-
-@dataclass
-class Watch:
-    """An assigned task being watched: its worker's heartbeats and final report (or
-    its refusal of the assignment)."""
-
-    worker_id: str
-    attempt: int  # which assignment of the task this is: a refusal names it
-    report: asyncio.Future[TaskReport | AssignmentRefused]
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    step: int = 0
+from .watch import Watch
 
 
 class Dispatcher:
@@ -408,6 +396,8 @@ class Dispatcher:
                     return AttemptOutcome.TIMEOUT, None
                 if now - watch.last_heartbeat > heartbeat_timeout:
                     return AttemptOutcome.LOST, None
+                if watch.stalled(now, self.settings.stall_factor, self.settings.stall_floor_s):
+                    return AttemptOutcome.STALLED, None
                 continue
             if isinstance(report, AssignmentRefused):
                 return AttemptOutcome.REFUSED, report

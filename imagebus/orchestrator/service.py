@@ -256,8 +256,7 @@ class Orchestrator:
             return
         watch = self._watches.get((beat.job_id, beat.index))
         if watch is not None and watch.worker_id == beat.worker_id:
-            watch.last_heartbeat = time.monotonic()
-            watch.step = beat.step
+            watch.beat(beat, time.monotonic())  # dispatch's watch tells a stall from it
 
     async def _on_advert(self, msg: Msg) -> None:
         try:

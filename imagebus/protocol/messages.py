@@ -219,6 +219,12 @@ class TaskHeartbeat:
     worker_id: str
     step: int = 0
     steps: int = 0
+    # Whether the task's image is being made now (its batch has begun and is not yet
+    # rendered): only then does a step that does not advance mean a stall.
+    generating: bool = False
+    # The worker's measured seconds per denoising step on this model (0: not measured
+    # yet, a first run): the orchestrator's yardstick for "stalled".
+    step_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

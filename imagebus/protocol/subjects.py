@@ -153,3 +153,16 @@ def results_subject(job_id: str, index: int | None = None) -> str:
 
 def event_subject(inbox: str, event: str) -> str:
     return f"{inbox}.{event}"
+
+
+# --- worker ids ------------------------------------------------------------------
+# A running worker holds its id here: a JetStream key-value bucket whose key is the
+# worker id and whose value is the running process's instance id. The key is created
+# only if absent, refreshed while the worker runs and deleted when it stops; the
+# bucket's short max age frees the id of a worker that was killed (worker/identity.py).
+WORKER_IDS_BUCKET = "IMAGEBUS_WORKER_IDS"
+
+
+def worker_id_key_subject(worker_id: str) -> str:
+    """The subject of a worker id's entry (what the worker publishes to claim it)."""
+    return f"$KV.{WORKER_IDS_BUCKET}.{worker_id}"

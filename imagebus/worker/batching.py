@@ -46,6 +46,7 @@ class Queued:
     on_step: AsyncStepCallback | None
     result: asyncio.Future[RenderedImage]
     on_rendered: Callable[[], None] | None = None  # its batch is rendered, not yet encoded
+    began: bool = False  # its batch is being made (heartbeats say so: a stall can begin)
 
 
 class Batcher:
@@ -74,6 +75,9 @@ class Batcher:
         self._running = 0  # batches being made now (by all runners)
         self._last_batch = 0  # images in the batch made last
         self._last_batch_s = 0.0  # and the seconds it took
+        # Seconds per reported step of the last batch that ran to its end (0: none
+        # yet): the heartbeats' yardstick for a stall.
+        self.seconds_per_step = 0.0
         self._encodings: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -178,6 +182,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         progress = _StepRelay(batch, loop)
         items = [waiting.item for waiting in batch]
+        for waiting in batch:
+            waiting.began = True
         started = time.perf_counter()
         try:
             rendered = await loop.run_in_executor(
@@ -199,6 +205,8 @@ class Batcher:
         self.images += len(batch)
         self._last_batch = len(batch)
         self._last_batch_s = time.perf_counter() - started
+        if progress.steps_reported and not all(isinstance(r, BaseException) for r in rendered):
+            self.seconds_per_step = self._last_batch_s / progress.steps_reported
         if len(batch) > 1:
             self._log.debug("batch made", images=len(batch))
         # Encoding (PNG) is left to the encoder threads, so that this runner can start
@@ -237,11 +245,13 @@ class _StepRelay:
         self._batch = batch
         self._loop = loop
         self._steps: deque[tuple[int, int]] = deque()  # at most one per step: bounded
+        self.steps_reported = 0
         self._woken = False
         self._publisher: asyncio.Task[None] | None = None
 
     def on_step(self, step: int, steps: int) -> None:
         """In the model's thread."""
+        self.steps_reported += 1
         self._steps.append((step, steps))
         if not self._woken:
             self._woken = True

@@ -49,7 +49,7 @@ from ..settings import WorkerSettings
 from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
-from .identity import check_id_unused
+from .identity import IdClaim
 from .outcomes import failure, for_the_requester, report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
@@ -82,6 +82,7 @@ class Worker:
         self._running: dict[tuple[str, int], RunningTask] = {}
         self._runs: dict[asyncio.Task[None], RunningTask] = {}  # for stop()
         self._heartbeats: asyncio.Task[None] | None = None
+        self._id_claim: IdClaim | None = None
         self._draining = False
         self._subscriptions: list[Subscription] = []
         self._executor = ThreadPoolExecutor(
@@ -104,10 +105,21 @@ class Worker:
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        """Claim the worker id on the bus (WorkerIdInUse if a running worker holds it),
+        load the models, then take work."""
         self.loop_lag.start()
-        await self._load_engines()
         self.nc = await connect(self.settings.bus, name=f"imagebus-worker-{self.id}")
-        await check_id_unused(self.nc, self.id)
+        # Before the model loads, which takes a while: a second worker with this id is
+        # refused in under a second, and two started at once cannot both pass.
+        self._id_claim = IdClaim(self.nc, self.id, self._log)
+        try:
+            await self._id_claim.acquire()
+            await self._load_engines()
+        except BaseException:
+            await self._id_claim.release()
+            await self.loop_lag.stop()
+            await self.nc.close()
+            raise
         self._delivery = Delivery(self.nc, self._log, self._copy_answer_within_s)
         self._subscriptions = [
             await self._delivery.subscribe(),
@@ -174,6 +186,8 @@ class Worker:
         for batcher in self._batchers.values():
             await batcher.stop()
         await self.loop_lag.stop()
+        if self._id_claim is not None:
+            await self._id_claim.release()  # last: it held the id while it ran tasks
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -245,18 +259,25 @@ class Worker:
             beats += 1
             try:
                 for running in list(self._running.values()):
-                    a = running.assignment
-                    if a.heartbeat_subject and self.nc is not None:
-                        beat = TaskHeartbeat(
-                            a.job_id, a.index, self.id, running.step, a.params.steps
-                        )
-                        await self.nc.publish(a.heartbeat_subject, encode(beat))
+                    if running.assignment.heartbeat_subject and self.nc is not None:
+                        beat = self._heartbeat(running)
+                        await self.nc.publish(running.assignment.heartbeat_subject, encode(beat))
                 if beats % every == 0:
                     await self._advertise()
                 if self._delivery is not None:
                     self._delivery.give_up_unanswered_copies()
             except Exception as exc:  # a missed beat is survivable; a dead loop is not
                 self._log.warning("heartbeat failed", error=repr(exc))
+
+    def _heartbeat(self, running: RunningTask) -> TaskHeartbeat:
+        """A task's heartbeat: its step, and the yardstick for its progress (whether its
+        image is being made, and this model's measured seconds per step)."""
+        a = running.assignment
+        engine = self.engines.get(a.params.model or "", self.default_engine)
+        step_s = self._batchers[engine.model].seconds_per_step
+        return TaskHeartbeat(
+            a.job_id, a.index, self.id, running.step, a.params.steps, running.making_image, step_s
+        )
 
     # --- bus callbacks -------------------------------------------------------------
 
@@ -389,13 +410,14 @@ class Worker:
             progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
             await self._send(events.progress(dialect, assignment.reply_inbox, progress))
 
-        return self._batchers[engine.model].submit(
+        running.queued = self._batchers[engine.model].submit(
             assignment.params,
             assignment.seed,
             on_step,
             lambda: running.cancelled,
             lambda: self._rendered(running),
         )
+        return running.queued
 
     def _forget_run(self, run: asyncio.Task[None]) -> None:
         self._runs.pop(run, None)

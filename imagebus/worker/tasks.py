@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..protocol import Dialect, TaskAssignment
+from .batching import Queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class RunningTask:
     # True until its image is made; then it only delivers, and no longer holds a slot.
     generating: bool = True
     run: asyncio.Task[None] | None = None
+    queued: Queued | None = None  # its image in the batcher: says when its batch began
     dialect: Dialect = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +48,12 @@ class RunningTask:
             self.dialect = Dialect(self.assignment.dialect)
         except ValueError:
             self.dialect = Dialect.NATIVE
+
+    @property
+    def making_image(self) -> bool:
+        """Whether its image is being made right now: its batch has begun, and the
+        image is not rendered yet (a step that does not advance then means a stall)."""
+        return self.generating and self.queued is not None and self.queued.began
 
     def cancel(self, *, reassigned: bool = False) -> None:
         """Stop making the image at the next step; the run still reports it cancelled."""
