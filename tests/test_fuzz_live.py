@@ -77,8 +77,9 @@ async def _fire(stack: Stack, payloads: list[tuple[bytes, bool]], tag: str) -> i
 
 
 async def test_thousands_of_bad_requests_never_kill_the_orchestrator(stack: Stack) -> None:
-    # No workers and one ask: a valid request is answered "no worker" at once.
-    orchestrator = await stack.start_orchestrator(max_attempts=1)
+    # No workers, one ask and a short queue timeout: a valid request waits for a worker
+    # to join for 1 s (an empty pool is a wait), then is answered "no worker".
+    orchestrator = await stack.start_orchestrator(max_attempts=1, queue_timeout_s=1.0)
     rng = random.Random(20261123)
     process = psutil.Process()
 
