@@ -172,8 +172,9 @@ class OrchestratorSettings:
     # ...at most this many times, then it fails.
     max_reassignments: int = 3
     # Durable intake: a job's request is redelivered if its orchestrator stays silent this
-    # long (it keeps the message in progress while it runs), at most this many times.
-    intake_ack_wait_s: float = 30.0
+    # long (it keeps the message in progress every third of it while it runs, so a long
+    # job is not redelivered), at most this many times.
+    intake_ack_wait_s: float = 10.0
     intake_max_deliver: int = 20
     # Requests not served within this long are dropped from the stream.
     intake_max_age_s: float = 86400.0
@@ -217,7 +218,7 @@ class OrchestratorSettings:
             task_timeout_s=e.number("IMAGEBUS_TASK_TIMEOUT", 600.0, minimum=0.0),
             heartbeat_timeout_s=e.number("IMAGEBUS_HEARTBEAT_TIMEOUT", 5.0, minimum=0.0),
             max_reassignments=e.integer("IMAGEBUS_MAX_REASSIGNMENTS", 3, minimum=0),
-            intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 30.0, minimum=0.0),
+            intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 10.0, minimum=0.0),
             intake_max_deliver=e.integer("IMAGEBUS_INTAKE_MAX_DELIVER", 20, minimum=1),
             intake_max_age_s=e.number("IMAGEBUS_INTAKE_MAX_AGE", 86400.0, minimum=0.0),
             intake_max_bytes=e.integer("IMAGEBUS_INTAKE_MAX_BYTES", 1 << 30, minimum=1),
