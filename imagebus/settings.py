@@ -178,8 +178,9 @@ class OrchestratorSettings:
     stall_factor: float = 20.0
     stall_floor_s: float = 10.0
     # Durable intake: a job's request is redelivered if its orchestrator stays silent this
-    # long (it keeps the message in progress while it runs), at most this many times.
-    intake_ack_wait_s: float = 30.0
+    # long (it keeps the message in progress every third of it while it runs, so a long
+    # job is not redelivered), at most this many times.
+    intake_ack_wait_s: float = 10.0
     intake_max_deliver: int = 20
     # Requests not served within this long are dropped from the stream.
     intake_max_age_s: float = 86400.0
@@ -225,7 +226,7 @@ class OrchestratorSettings:
             max_reassignments=e.integer("IMAGEBUS_MAX_REASSIGNMENTS", 3, minimum=0),
             stall_factor=e.number("IMAGEBUS_STALL_FACTOR", 20.0, minimum=0.0),
             stall_floor_s=e.number("IMAGEBUS_STALL_FLOOR", 10.0, minimum=0.0),
-            intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 30.0, minimum=0.0),
+            intake_ack_wait_s=e.number("IMAGEBUS_INTAKE_ACK_WAIT", 10.0, minimum=0.0),
             intake_max_deliver=e.integer("IMAGEBUS_INTAKE_MAX_DELIVER", 20, minimum=1),
             intake_max_age_s=e.number("IMAGEBUS_INTAKE_MAX_AGE", 86400.0, minimum=0.0),
             intake_max_bytes=e.integer("IMAGEBUS_INTAKE_MAX_BYTES", 1 << 30, minimum=1),

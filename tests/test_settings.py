@@ -33,7 +33,7 @@ def test_an_empty_environment_gives_the_documented_defaults() -> None:
     assert LogSettings.from_env({}) == LogSettings("info", "console")
     orchestrator = OrchestratorSettings.from_env(DB)
     assert orchestrator.database_url == "postgresql://db/imagebus"
-    assert (orchestrator.max_attempts, orchestrator.intake_ack_wait_s) == (10, 30.0)
+    assert (orchestrator.max_attempts, orchestrator.intake_ack_wait_s) == (10, 10.0)
     worker = WorkerSettings.from_env({}, default_id=_id)
     assert (worker.worker_id, worker.model, worker.device) == ("derived-cpu", "tiny", "cpu")
     assert (worker.slots, worker.max_batch, worker.channels_last) == (1, 1, False)

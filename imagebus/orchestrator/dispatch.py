@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
@@ -91,14 +91,16 @@ class Dispatcher:
             recruit_timeout_s=settings.recruit_timeout_s,
         )
 
-    async def run_job(self, job: RunningJob) -> None:
-        """Run every task of the job until each is answered or the job times out."""
+    async def run_job(self, job: RunningJob, indexes: Sequence[int] | None = None) -> None:
+        """Run the job's tasks (`indexes`, by default all) until each is answered or the
+        job times out."""
         try:
             async with asyncio.timeout(job.request.job_timeout_s):
-                if job.request.n == 1:
+                if indexes is None and job.request.n == 1:
                     await self.run_task(job, 0)  # no task of its own: the common case
                 else:
-                    await asyncio.gather(*(self.run_task(job, i) for i in range(job.request.n)))
+                    todo = range(job.request.n) if indexes is None else indexes
+                    await asyncio.gather(*(self.run_task(job, i) for i in todo))
         except TimeoutError:  # the images' coroutines have been cancelled
             await self._end_job_on_timeout(job)
 

@@ -103,6 +103,12 @@ def job_id_for(msg: Msg, epoch: str) -> str:
     return hashlib.blake2b(key, digest_size=16, person=b"imagebus-job").hexdigest()
 
 
+def redelivered(msg: Msg) -> bool:
+    """Whether the request was delivered before (its orchestrator died, say): read from
+    the delivery's reply subject, no JetStream lookup."""
+    return msg.metadata.num_delivered > 1
+
+
 @dataclass(eq=False)
 class _Pull:
     """One standing pull request. Its statuses (heartbeats, expiry, refusal) come on its
