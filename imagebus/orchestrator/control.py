@@ -33,8 +33,8 @@ from ..protocol.control import (
     error_answer,
     read_query,
 )
-from .dispatch import Watch
 from .registry import Registry
+from .watch import Watch
 
 
 class QueryRefused(Exception):

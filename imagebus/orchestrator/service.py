@@ -49,14 +49,16 @@ from ..protocol import subjects as s
 from ..protocol.control import LoopLagSummary, OrchestratorStats
 from ..protocol.events import Outbound
 from ..settings import OrchestratorSettings
+from .attempts import AttemptOutcome
 from .breaker import Breaker
 from .capacity import CapacitySignal
 from .control import ControlPlane
-from .dispatch import AttemptOutcome, Dispatcher, Watch
+from .dispatch import Dispatcher
 from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
 from .registry import Registry
+from .watch import Watch
 
 
 class Orchestrator:
