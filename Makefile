@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e '.[worker,embedded,test,bench]'
+	$(PY) -m pip install --quiet -e '.[worker,embedded,web,test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

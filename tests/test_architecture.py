@@ -25,9 +25,21 @@ ALLOWED: dict[str, set[str]] = {
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
     "db": {"logs", "protocol"},
-    "orchestrator": {"connections", "db", "logs", "looplag", "protocol", "settings"},
+    # Comparing a re-run image with the original (issue 13): pure, knows no role.
+    "verification": set(),
+    "orchestrator": {
+        "connections",
+        "db",
+        "logs",
+        "looplag",
+        "protocol",
+        "settings",
+        "verification",
+    },
     "worker": {"connections", "logs", "looplag", "protocol", "settings"},
     "requester": {"connections", "logs", "protocol", "settings"},
+    # The web role speaks only NATS, through the requester's Python client.
+    "web": {"connections", "logs", "protocol", "requester", "settings"},
     "supervisor": set(),  # child processes and their restart policy: knows no role
     "launcher": {
         "connections",
@@ -37,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "requester",
         "settings",
         "supervisor",
+        "web",
         "worker",
     },
     # The CLI is the top: thin over every role's Python API.
@@ -52,6 +65,7 @@ ALLOWED: dict[str, set[str]] = {
         "requester",
         "settings",
         "supervisor",
+        "web",
         "worker",
     },
     "": {"requester"},  # imagebus/__init__.py re-exports the client
