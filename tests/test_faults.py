@@ -135,8 +135,10 @@ async def test_cancel_reaches_a_job_before_its_id_does(stack: Stack) -> None:
             await queued.accepted(timeout=0.5)
         await queued.cancel()  # no job id yet: by its inbox
         assert client.nc is not None  # and the running one by its inbox too, as a
-        await client.nc.publish(  # requester would that had not heard "accepted" yet
-            s.CANCEL_SUBJECT, encode(JobCancel("", inbox=running.inbox))
+        assert running.cancel_token is not None  # requester would that had not heard
+        proof = bytes.fromhex(running.cancel_token)  # "accepted" yet (with its proof)
+        await client.nc.publish(
+            s.CANCEL_SUBJECT, encode(JobCancel("", inbox=running.inbox, proof=proof))
         )
         for job in (running, queued):
             with pytest.raises(GenerationFailed) as failed:

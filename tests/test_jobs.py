@@ -146,6 +146,10 @@ async def test_a_job_left_running_is_cancelled_by_its_id_from_the_command_line(
     assert await eventually(lambda: worker.status().generating > 0, 30)  # the requester has left
     code, stdout, stderr = await run_cli(
         "job", "cancel", job_id, "--json", "--nats-url", stack.nats_url
+    )  # neither its owner's token nor an admin's: refused
+    assert code == 1 and "only its owner" in stderr
+    code, stdout, stderr = await run_cli(
+        "job", "cancel", job_id, "--admin", "--json", "--nats-url", stack.nats_url
     )
     assert code == 0, stderr
     status = json.loads(stdout)
@@ -323,13 +327,22 @@ async def test_a_lone_fitting_worker_among_unfit_ones_is_found(stack: Stack) -> 
 
 def test_cancelled_inboxes_are_kept_for_their_ttl_and_at_most_their_limit() -> None:
     from imagebus.orchestrator.jobs import CancelledInboxes
+    from imagebus.protocol.auth import cancel_proof, new_secret
 
+    secret, other = new_secret(), new_secret()
+    proof = cancel_proof(secret)
     kept = CancelledInboxes(ttl_s=0.2, limit=3)
     for i in range(5):
-        kept.add(f"_INBOX.a.{i}")
-    assert [f"_INBOX.a.{i}" in kept for i in range(5)] == [False, False, True, True, True]
-    kept.add("_INBOX.a.2")  # again: it goes to the back, and counts from now
+        kept.add(f"_INBOX.a.{i}", proof)
+    assert [kept.cancels(f"_INBOX.a.{i}", secret) for i in range(5)] == [
+        False, False, True, True, True
+    ]  # fmt: skip
+    # Only the owner's proof counts, and a forged one does not displace it.
+    assert not kept.cancels("_INBOX.a.4", other) and not kept.cancels("_INBOX.a.4", None)
+    kept.add("_INBOX.a.4", b"forged")
+    assert kept.cancels("_INBOX.a.4", secret)
+    kept.add("_INBOX.a.2", proof)  # again: it goes to the back, and counts from now
     time.sleep(0.25)
-    assert "_INBOX.a.2" not in kept  # expired
-    kept.add("_INBOX.b")  # adding drops the expired ones
-    assert len(kept._until) == 1 and "_INBOX.b" in kept
+    assert not kept.cancels("_INBOX.a.2", secret)  # expired
+    kept.add("_INBOX.b", proof)  # adding drops the expired ones
+    assert len(kept._until) == 1 and kept.cancels("_INBOX.b", secret)

@@ -65,6 +65,14 @@ def add_job(commands: Commands) -> None:
         "--timeout", type=float, default=None, help="wait, cancel: give up after seconds"
     )
     job.add_argument("--json", action="store_true", help="status/wait/cancel: print JSON")
+    job.add_argument(
+        "--token", default=None, help="cancel: the job's cancel token, from its owner's Job"
+    )
+    job.add_argument(
+        "--admin",
+        action="store_true",
+        help="cancel: as an admin (a user that may publish on imagebus.admin.>)",
+    )
 
 
 def add_schema(commands: Commands) -> None:
@@ -159,7 +167,9 @@ def cmd_job(args: argparse.Namespace) -> int:
                 if args.action == "wait":
                     status = await client.wait_job(args.job_id, args.timeout)
                 elif args.action == "cancel":
-                    status = await client.cancel_job(args.job_id, args.timeout or 60.0)
+                    status = await client.cancel_job(
+                        args.job_id, args.timeout or 60.0, token=args.token, admin=args.admin
+                    )
                 else:
                     status = await client.job_status(args.job_id)
             except ImageBusError as exc:

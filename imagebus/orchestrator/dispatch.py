@@ -49,6 +49,7 @@ from ..protocol import (
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
 from .attempts import AttemptOutcome, Next, TaskFailure, TaskRun, classify, says_worker_works
+from .cancels import tell_worker
 from .capacity import CapacitySignal
 from .jobs import RunningJob
 from .recruit import REFUSED, Recruiter, RecruitRound, describe
@@ -111,7 +112,9 @@ class Dispatcher:
         for index in range(job.request.n):
             if index not in job.answered:
                 # Quietly stop a worker still on it; the requester hears it from here.
-                await self.publish_cancel(JobCancel(job.job_id, index, "job timeout"))
+                if index in job.workers:
+                    cancel = JobCancel(job.job_id, index, "job timeout")
+                    await tell_worker(self.nc, job.workers[index], cancel)
                 await self.fail_task(job, index, TaskFailure(error, ErrorCode.JOB_TIMEOUT))
         self._log.warning("job timed out", job_id=job.job_id, unanswered=unanswered)
 
@@ -139,7 +142,7 @@ class Dispatcher:
             return
         while True:
             if job.cancelled:
-                failure = TaskFailure("cancelled by the requester", ErrorCode.CANCELLED)
+                failure = TaskFailure(job.cancel_reason, ErrorCode.CANCELLED)
                 break
             round_ = await self.recruiter.find_worker(
                 task.call, trust_view=task.heard_lately, handed=task.handed, avoid=self._avoid(task)
@@ -314,7 +317,10 @@ class Dispatcher:
             reservation_id=offer.reservation_id or "",
             report_subject=s.report_subject(self.id),
             heartbeat_subject=s.heartbeat_subject(self.id),
+            attempt=attempt,
+            event_key=job.assignment_key(index, attempt),
         )
+        job.workers[index] = offer.worker_id
         await self.nc.publish(
             s.worker_assign_subject(offer.worker_id),
             encode(assignment),
@@ -363,7 +369,8 @@ class Dispatcher:
         )  # fmt: skip
         if report is None:
             # Lost or overran: make sure it stops and frees its slot, then re-assign.
-            await self.publish_cancel(JobCancel(job_id, index, f"re-assigned: {outcome}"))
+            cancel = JobCancel(job_id, index, f"re-assigned: {outcome}")
+            await tell_worker(self.nc, offer.worker_id, cancel)
         elif isinstance(report, TaskReport) and outcome is not AttemptOutcome.WORKER_FAULT:
             state = TaskState.DONE if report.ok else TaskState.FAILED
             log.info(
@@ -419,7 +426,7 @@ class Dispatcher:
             error=failure.error,
             code=failure.code,
         )
-        out = events.result(job.dialect, job.inbox, result)
+        out = events.result(job.dialect, job.inbox, result, job.event_key)
         if out is not None:
             await self.nc.publish(out.subject, out.payload, headers=out.headers)
         self._record(
@@ -434,6 +441,3 @@ class Dispatcher:
                 error_code=failure.code,
             )
         )
-
-    async def publish_cancel(self, cancel: JobCancel) -> None:
-        await self.nc.publish(s.CANCEL_SUBJECT, encode(cancel))

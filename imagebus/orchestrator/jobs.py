@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from ..db import JobRow
 from ..protocol import Dialect, GenerateRequest
+from ..protocol.auth import EventKey, assignment_key, cancel_proof, orchestrator_event_key
 from ..protocol.validation import MAX_SEED
 
 
@@ -24,7 +25,23 @@ class RunningJob:
     seeds: list[int]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     cancelled: bool = False
+    cancel_reason: str = "cancelled by the requester"
     answered: set[int] = field(default_factory=set)  # images whose final answer is out
+    # The requester's job secret (None: a request without one, whose events go
+    # unauthenticated), and the key this orchestrator MACs its own events with.
+    secret: bytes | None = None
+    event_key: EventKey | None = field(init=False)
+    # The worker each image was last assigned to: told to stop on a timeout.
+    workers: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.event_key = orchestrator_event_key(self.secret)
+
+    def assignment_key(self, index: int, attempt: int) -> bytes | None:
+        """The key the worker given this attempt at image `index` MACs its events with."""
+        if self.secret is None:
+            return None
+        return assignment_key(self.secret, self.job_id, index, attempt)
 
     def row(self, orchestrator_id: str) -> JobRow:
         """The job's record."""
@@ -48,26 +65,32 @@ class RunningJob:
 
 
 class CancelledInboxes:
-    """The inboxes of jobs cancelled before their requester heard of a job id: a request
-    served later with one of them is answered as cancelled at once. Each is kept for
-    `ttl_s` (the stream's max age: no request waits longer), at most `limit` of them."""
+    """The inboxes of jobs cancelled before their requester heard of a job id, with the
+    proof each cancel carried: a request served later with one of them, whose secret
+    the proof matches, is answered as cancelled at once. Each is kept for `ttl_s` (the
+    stream's max age: no request waits longer), at most `limit` of them. A forged cancel
+    (a wrong proof) is kept beside the owner's, never instead of it."""
 
     def __init__(self, ttl_s: float, limit: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.limit = limit
-        self._until: dict[str, float] = {}  # in the order they came
+        self._until: dict[tuple[str, bytes], float] = {}  # in the order they came
 
-    def add(self, inbox: str) -> None:
+    def add(self, inbox: str, proof: bytes | None) -> None:
         now = time.monotonic()
-        self._until.pop(inbox, None)
-        self._until[inbox] = now + self.ttl_s
+        key = (inbox, proof or b"")
+        self._until.pop(key, None)
+        self._until[key] = now + self.ttl_s
         while self._until and (
             len(self._until) > self.limit or next(iter(self._until.values())) < now
         ):
             del self._until[next(iter(self._until))]
 
-    def __contains__(self, inbox: str) -> bool:
-        return self._until.get(inbox, 0.0) >= time.monotonic()
+    def cancels(self, inbox: str, secret: bytes | None) -> bool:
+        """Whether the job with this inbox and secret was cancelled by its owner."""
+        if secret is None:
+            return False  # no owner's proof possible: only an admin cancels it
+        return self._until.get((inbox, cancel_proof(secret)), 0.0) >= time.monotonic()
 
 
 def seeds_for(request: GenerateRequest, job_id: str) -> list[int]:

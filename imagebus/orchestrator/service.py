@@ -31,7 +31,6 @@ from ..protocol import (
     CapacityNotice,
     ErrorCode,
     JobAccepted,
-    JobCancel,
     JobRejected,
     ProtocolError,
     RequestError,
@@ -46,11 +45,13 @@ from ..protocol import (
     events,
 )
 from ..protocol import subjects as s
+from ..protocol.auth import AuthError, orchestrator_event_key, secret_of
 from ..protocol.control import LoopLagSummary, OrchestratorStats
 from ..protocol.events import Outbound
 from ..settings import OrchestratorSettings
 from .attempts import AttemptOutcome
 from .breaker import Breaker
+from .cancels import Cancels
 from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import Dispatcher
@@ -121,12 +122,21 @@ class Orchestrator:
             loop_lag=self.loop_lag,
             log=self._log,
         )
+        cancels = Cancels(
+            nc,
+            self._running_jobs,
+            self._watches,
+            self._cancelled_inboxes,
+            self.capacity.wake_all,
+            self._log,
+        )
         self._subscriptions = [
             await nc.subscribe(s.report_subject(self.id), cb=self._on_report),
             await nc.subscribe(s.heartbeat_subject(self.id), cb=self._on_heartbeat),
             await nc.subscribe(s.refusals_subscription(self.id), cb=self._on_refusal),
             await nc.subscribe(s.CAPACITY_SUBJECT, cb=self._on_capacity),
-            await nc.subscribe(s.CANCEL_SUBJECT, cb=self._on_cancel),
+            await nc.subscribe(s.CANCEL_SUBJECT, cb=cancels.on_cancel),
+            await nc.subscribe(s.ADMIN_CANCEL_SUBJECT, cb=cancels.on_admin_cancel),
             await nc.subscribe(s.WORKER_ADVERT_SUBJECT, cb=self._on_advert),
             *await control.subscribe(),
         ]
@@ -280,26 +290,6 @@ class Orchestrator:
         self.registry.note_free(notice.worker_id, notice.free_slots, notice.free_seq)
         self._hand_over_free_slots(notice.worker_id)
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = decode(JobCancel, msg.data)
-        except ProtocolError:
-            return
-        if cancel.job_id:
-            job = self._running_jobs.get(cancel.job_id)
-        elif s.is_valid_inbox(cancel.inbox):
-            # Its requester has no job id yet: it may run here already, or still wait
-            # in the stream, and then it is cancelled when it comes to be served.
-            self._cancelled_inboxes.add(cancel.inbox)
-            running = (j for j in self._running_jobs.values() if j.inbox == cancel.inbox)
-            job = next(running, None)
-        else:
-            return
-        if job is not None and cancel.index is None:
-            self._log.info("job cancelled", job_id=job.job_id, reason=cancel.reason)
-            job.cancelled = True
-            self.capacity.wake_all()  # waiting tasks notice at once
-
     def _slot_unclaimed(self, worker_id: str) -> None:
         """A slot handed to a task that was cancelled before using it: free again."""
         self.registry.note_free(worker_id, self.registry.free(worker_id) + 1)
@@ -327,12 +317,16 @@ class Orchestrator:
             # Without an inbox there is nowhere to answer: log it and move on.
             self._log.warning("request dropped: no valid imageInbox header", inbox=inbox[:80])
             return
+        secret = None
         try:
+            secret = secret_of(headers)  # None: the prototype's client, unauthenticated
             request = decode_request(msg.data, dialect, self.settings.limits)
-        except RequestError as exc:
-            self._log.info("request rejected", error=str(exc), field=exc.field, inbox=inbox)
-            rejection = JobRejected(error=str(exc), code=ErrorCode.INVALID_REQUEST, field=exc.field)
-            await self._send(events.rejected(dialect, inbox, rejection))
+        except (RequestError, AuthError) as exc:
+            field = exc.field if isinstance(exc, RequestError) else s.HEADER_JOB_SECRET
+            self._log.info("request rejected", error=str(exc), field=field, inbox=inbox)
+            rejection = JobRejected(error=str(exc), code=ErrorCode.INVALID_REQUEST, field=field)
+            key = orchestrator_event_key(secret)
+            await self._send(events.rejected(dialect, inbox, rejection, key))
             return
         job = RunningJob(
             job_id=job_id,
@@ -340,16 +334,17 @@ class Orchestrator:
             dialect=dialect,
             inbox=inbox,
             seeds=seeds_for(request, job_id),
-            cancelled=inbox in self._cancelled_inboxes,  # its tasks end at once, as cancelled
+            # Cancelled by its owner while it waited: its tasks end at once, as cancelled.
+            cancelled=self._cancelled_inboxes.cancels(inbox, secret),
+            secret=secret,
         )
         log = self._log.bind(job_id=job.job_id)
         log.info(
             "job accepted", n=request.n, dialect=dialect.value, prompt=request.params.prompt[:80]
         )
         self._record(job.row(self.id))
-        await self._send(
-            events.accepted(dialect, inbox, JobAccepted(job.job_id, request.n, job.seeds))
-        )
+        accepted = JobAccepted(job.job_id, request.n, job.seeds)
+        await self._send(events.accepted(dialect, inbox, accepted, job.event_key))
         if job.job_id in self._running_jobs:
             # Redelivered while still running here (this orchestrator was cut off for
             # longer than the ack wait): the first copy goes on serving it.
@@ -384,7 +379,7 @@ class Orchestrator:
                 width=params.width, height=params.height,
             )  # fmt: skip
             _, messages = events.result_messages(
-                job.dialect, job.inbox, result, self.nc.max_payload
+                job.dialect, job.inbox, result, self.nc.max_payload, job.event_key
             )
             for out in messages:
                 await self._send(out)

@@ -8,6 +8,10 @@ and `mimetype` headers. Native requesters get msgpack messages under
 carries everything else (nats-py parses every header of every message it receives,
 at a few microseconds each). The prototype's messages also carry imagebus headers
 (job, index, seed), harmlessly.
+
+A native request that carries a job secret gets every event with two headers, its
+MAC and the attempt whose key made it (`key`: see auth.py); one without (an older
+client's) gets them without, unauthenticated, as the prototype's clients do.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
+from .auth import EventKey
 from .codec import encode
 from .messages import (
     Dialect,
@@ -61,43 +66,62 @@ class Outbound:
         return len(self.payload) + header_bytes
 
 
-def _native(inbox: str, event: str, message: object) -> Outbound:
-    return Outbound(event_subject(inbox, event), encode(message), None)
+def _native(
+    inbox: str,
+    event: str,
+    message: object,
+    key: EventKey | None,
+    job_id: str | None,
+    index: int | None,
+) -> Outbound:
+    payload = encode(message)
+    headers = None if key is None else key.headers(event, job_id or "", index, payload)
+    return Outbound(event_subject(inbox, event), payload, headers)
 
 
-def accepted(dialect: Dialect, inbox: str, event: JobAccepted) -> Outbound | None:
+def accepted(
+    dialect: Dialect, inbox: str, event: JobAccepted, key: EventKey | None = None
+) -> Outbound | None:
     if dialect is Dialect.LEGACY:
         return None  # the prototype had no such event
-    return _native(inbox, EVENT_ACCEPTED, event)
+    return _native(inbox, EVENT_ACCEPTED, event, key, event.job_id, None)
 
 
-def rejected(dialect: Dialect, inbox: str, event: JobRejected) -> Outbound:
+def rejected(
+    dialect: Dialect, inbox: str, event: JobRejected, key: EventKey | None = None
+) -> Outbound:
     if dialect is Dialect.LEGACY:
         headers = {HEADER_SUCCESS: "false", HEADER_ERROR_CODE: event.code}
         if event.job_id:
             headers[HEADER_JOB_ID] = event.job_id
         return Outbound(inbox, event.error.encode(), headers)
-    return _native(inbox, EVENT_REJECTED, event)
+    return _native(inbox, EVENT_REJECTED, event, key, event.job_id, None)
 
 
-def assigned(dialect: Dialect, inbox: str, event: TaskAssigned) -> Outbound:
+def assigned(
+    dialect: Dialect, inbox: str, event: TaskAssigned, key: EventKey | None = None
+) -> Outbound:
     if dialect is Dialect.LEGACY:
         headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
         subject = event_subject(inbox, LEGACY_ASSIGNED_SUFFIX)
         return Outbound(subject, event.worker_id.encode(), headers)
-    return _native(inbox, EVENT_ASSIGNED, event)
+    return _native(inbox, EVENT_ASSIGNED, event, key, event.job_id, event.index)
 
 
-def progress(dialect: Dialect, inbox: str, event: TaskProgress) -> Outbound:
+def progress(
+    dialect: Dialect, inbox: str, event: TaskProgress, key: EventKey | None = None
+) -> Outbound:
     if dialect is Dialect.LEGACY:
         headers = {HEADER_JOB_ID: event.job_id, HEADER_INDEX: str(event.index)}
         percent = 100.0 * event.step / max(event.steps, 1)
         subject = event_subject(inbox, LEGACY_PROGRESS_SUFFIX)
         return Outbound(subject, f"{percent:.1f}".encode(), headers)
-    return _native(inbox, EVENT_PROGRESS, event)
+    return _native(inbox, EVENT_PROGRESS, event, key, event.job_id, event.index)
 
 
-def result(dialect: Dialect, inbox: str, event: TaskResult) -> Outbound:
+def result(
+    dialect: Dialect, inbox: str, event: TaskResult, key: EventKey | None = None
+) -> Outbound:
     if dialect is Dialect.LEGACY:
         headers = {
             HEADER_JOB_ID: event.job_id,
@@ -111,7 +135,7 @@ def result(dialect: Dialect, inbox: str, event: TaskResult) -> Outbound:
             return Outbound(inbox, event.png, headers)
         headers.update({HEADER_SUCCESS: "false", HEADER_ERROR_CODE: event.code or ""})
         return Outbound(inbox, (event.error or "generation failed").encode(), headers)
-    return _native(inbox, EVENT_RESULT, event)
+    return _native(inbox, EVENT_RESULT, event, key, event.job_id, event.index)
 
 
 # Room left in each chunk message for its own envelope and headers.
@@ -119,7 +143,7 @@ _CHUNK_OVERHEAD = 2048
 
 
 def result_messages(
-    dialect: Dialect, inbox: str, event: TaskResult, max_payload: int
+    dialect: Dialect, inbox: str, event: TaskResult, max_payload: int, key: EventKey | None = None
 ) -> tuple[TaskResult, list[Outbound]]:
     """The result as sent, and the message(s) carrying it, each within `max_payload`
     (headers counted: the server does not, and drops a connection that overflows).
@@ -128,7 +152,7 @@ def result_messages(
     the result itself (png=None, with size and SHA-256); the prototype's
     protocol has no such thing, so there it becomes a failure that says why.
     """
-    single = result(dialect, inbox, event)
+    single = result(dialect, inbox, event, key)
     if single.size <= max_payload or not event.ok or event.png is None:
         return event, [single]
     png = event.png
@@ -147,11 +171,16 @@ def result_messages(
     step = max_payload - _CHUNK_OVERHEAD
     chunks = [
         _native(
-            inbox, EVENT_CHUNK, ResultChunk(event.job_id, event.index, seq, png[at : at + step])
+            inbox,
+            EVENT_CHUNK,
+            ResultChunk(event.job_id, event.index, seq, png[at : at + step]),
+            key,
+            event.job_id,
+            event.index,
         )
         for seq, at in enumerate(range(0, len(png), step))
     ]
     head = dataclasses.replace(
         event, png=None, chunks=len(chunks), size=len(png), sha256=hashlib.sha256(png).hexdigest()
     )
-    return event, [*chunks, result(dialect, inbox, head)]
+    return event, [*chunks, result(dialect, inbox, head, key)]

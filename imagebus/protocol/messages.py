@@ -172,6 +172,11 @@ class TaskAssignment:
     reservation_id: str
     report_subject: str
     heartbeat_subject: str = ""
+    # The orchestrator's count of this image's assignments, and the key (derived from
+    # the job's secret for this job, index and attempt; None for a job without one)
+    # that the worker MACs its events to the requester with (protocol/auth.py).
+    attempt: int = 0
+    event_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,14 +300,17 @@ class JobStatus:
 
 @dataclass(frozen=True, slots=True)
 class JobCancel:
-    """Broadcast: stop this job (or one of its images). Orchestrators and workers listen.
+    """Stop this job (or, from an orchestrator to a worker, one of its images).
     A requester that has no job id yet (the request still waits in the stream) names
-    the job by its inbox instead, with `job_id` empty."""
+    the job by its inbox instead, with `job_id` empty. On the public cancel subject it
+    counts only with its owner's `proof` (protocol/auth.py); an admin's goes on the
+    admin subject; workers hear only their orchestrator's, on their own subject."""
 
     job_id: str
     index: int | None = None
     reason: str = "cancelled by the requester"
     inbox: str = ""
+    proof: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 
 from . import subjects as s
+from .auth import secret_header
 from .validation import RequestError
 
 # JetStream drops a request whose Nats-Msg-Id it stored within this window: the intake
@@ -64,11 +65,15 @@ def encode_request(
         raise RequestError(f"request cannot be encoded: {exc}") from None
 
 
-def request_headers(events_inbox: str) -> dict[str, str]:
+def request_headers(events_inbox: str, secret: bytes | None = None) -> dict[str, str]:
     """Headers of a native request: where its events go, and its JetStream dedup id
-    (the inbox is unique per request, so a re-sent request is stored once)."""
-    return {
+    (the inbox is unique per request, so a re-sent request is stored once); with
+    `secret`, the job secret its events are authenticated by (auth.py)."""
+    headers = {
         s.HEADER_IMAGE_INBOX: events_inbox,
         s.HEADER_CONTENT_TYPE: s.MSGPACK_CONTENT_TYPE,
         s.HEADER_MSG_ID: events_inbox,
     }
+    if secret is not None:
+        headers.update(secret_header(secret))
+    return headers

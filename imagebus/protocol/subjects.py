@@ -45,11 +45,15 @@ SCHEMA_SUBJECT = "imagebus.schema"
 # Administration, answered by one orchestrator (queue group); only the orchestrator
 # and admin users may publish here (deploy/nats-permissions.conf). See control.py.
 ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
+# An admin's JobCancel (any job, no proof needed); every orchestrator listens (no queue
+# group), and the one serving the job stops it (docs/event-authentication.md).
+ADMIN_CANCEL_SUBJECT = "imagebus.admin.cancel"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"
 RESULTS_SUBJECTS = "imagebus.results.>"
-# Requesters publish JobCancel here; orchestrators and workers all listen.
+# Requesters publish JobCancel here, with their job's proof; orchestrators listen, and
+# tell the workers on the job on each worker's own subject (worker_cancel_subject).
 CANCEL_SUBJECT = "imagebus.cancel"
 # Workers announce here whenever a slot frees, so saturated recruitments wake up.
 CAPACITY_SUBJECT = "imagebus.capacity"
@@ -68,6 +72,12 @@ HEADER_ERROR_CODE = "Imagebus-Error"
 HEADER_CHUNK = "Imagebus-Chunk"
 HEADER_CHUNKS = "Imagebus-Chunks"
 HEADER_SHA256 = "Imagebus-Sha256"
+# Authentic events (protocol/auth.py, docs/event-authentication.md): a native request's
+# random per-job secret (hex), and on each event for it the MAC (hex) and the attempt
+# whose key made it (0: the orchestrator's own key).
+HEADER_JOB_SECRET = "Imagebus-Job-Secret"
+HEADER_EVENT_MAC = "Imagebus-Mac"
+HEADER_EVENT_ATTEMPT = "Imagebus-Attempt"
 
 # Native requester events are published under the requester's inbox, so one
 # subscription to "<inbox>.>" receives them all.
@@ -114,6 +124,12 @@ def worker_assign_subject(worker_id: str) -> str:
 
 def worker_release_subject(worker_id: str) -> str:
     return f"imagebus.worker.{worker_id}.release"
+
+
+def worker_cancel_subject(worker_id: str) -> str:
+    """Where the orchestrator tells a worker to stop a task (a verified cancel, a
+    re-assignment, a job timeout): workers heed no other cancel."""
+    return f"imagebus.worker.{worker_id}.cancel"
 
 
 def worker_ping_subject(worker_id: str) -> str:

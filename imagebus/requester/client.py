@@ -38,6 +38,7 @@ from ..protocol import (
     results,
 )
 from ..protocol import subjects as s
+from ..protocol.auth import new_secret
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
@@ -137,7 +138,7 @@ class ImageBusClient:
         expected = n or (len(prompt) if isinstance(prompt, list) else 1)
         job = await self._new_job(expected, on_progress, on_assigned)
         try:
-            await self._store_request(job.inbox, payload)
+            await self._store_request(job.inbox, payload, job.secret)
         except ImageBusError:
             await job._unsubscribe()
             raise
@@ -146,10 +147,14 @@ class ImageBusClient:
     async def _new_job(
         self, n: int, on_progress: ProgressCallback | None, on_assigned: AssignedCallback | None
     ) -> Job:
-        """A Job whose events, under its own token of this client's inbox, are routed to it."""
+        """A Job whose events, under its own token of this client's inbox, are routed to it;
+        with a secret of its own, that its events are checked by (protocol/auth.py)."""
         token = uuid.uuid4().hex
         inbox = f"{await self._events_inbox()}.{token}"
-        job = Job(inbox=inbox, n=n, on_progress=on_progress, on_assigned=on_assigned, _nc=self.nc)
+        job = Job(
+            inbox=inbox, n=n, on_progress=on_progress, on_assigned=on_assigned, _nc=self.nc,
+            secret=new_secret(),
+        )  # fmt: skip
         self._jobs[token] = job
 
         def release() -> None:
@@ -158,10 +163,10 @@ class ImageBusClient:
         job._release = release
         return job
 
-    async def _store_request(self, inbox: str, payload: bytes) -> None:
+    async def _store_request(self, inbox: str, payload: bytes, secret: bytes | None) -> None:
         assert self.nc is not None
         store = RequestStore(self.nc, self.bus, self.events, self.submit_timeout_s)
-        await store.store(request_headers(inbox), payload)
+        await store.store(request_headers(inbox, secret), payload)
 
     async def _events_inbox(self) -> str:
         assert self.nc is not None
@@ -212,14 +217,43 @@ class ImageBusClient:
         """State, per-image progress, workers and timings of a job, by id."""
         return await self._ask(s.JOB_STATUS_SUBJECT, JobStatus, control.JobStatusQuery(job_id))
 
-    async def cancel_job(self, job_id: str, timeout: float | None = 60.0) -> JobStatus:
-        """Stop a job by its id, as `Job.cancel` does (from any process: the one that
-        submitted it may be gone), and wait until it has ended; returns its status."""
+    async def cancel_job(
+        self,
+        job_id: str,
+        timeout: float | None = 60.0,
+        *,
+        token: str | None = None,
+        admin: bool = False,
+    ) -> JobStatus:
+        """Stop a job by its id, as `Job.cancel` does, and wait until it has ended;
+        returns its status. Only its owner or an admin may: a job submitted by this
+        client needs nothing more; from another process (the one that submitted it may
+        be gone) pass its `token` (`Job.cancel_token`), or `admin=True` as a user
+        allowed to publish on imagebus.admin.> (an admin's or orchestrator's)."""
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         await self.job_status(job_id)  # an unknown id is said so (not_found), not waited on
-        await self.nc.publish(s.CANCEL_SUBJECT, encode(JobCancel(job_id)))
+        if admin:
+            cancel = JobCancel(job_id, reason="cancelled by an admin")
+            await self.nc.publish(s.ADMIN_CANCEL_SUBJECT, encode(cancel))
+        else:
+            await self.nc.publish(s.CANCEL_SUBJECT, encode(self._owners_cancel(job_id, token)))
         return await self.wait_job(job_id, timeout)
+
+    def _owners_cancel(self, job_id: str, token: str | None) -> JobCancel:
+        if token is None:
+            owned = (job.cancel_token for job in self._jobs.values() if job.job_id == job_id)
+            token = next(owned, None)
+        if token is None:
+            raise ImageBusError(
+                f"job {job_id} was not submitted by this client: only its owner (with its "
+                "cancel token) or an admin may cancel it",
+                "not_owner",
+            )
+        try:
+            return JobCancel(job_id, proof=bytes.fromhex(token))
+        except ValueError:
+            raise ImageBusError("a cancel token is hexadecimal", "invalid_request") from None
 
     async def wait_job(
         self, job_id: str, timeout: float | None = None, poll_s: float = 0.5

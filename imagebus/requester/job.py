@@ -16,6 +16,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ..logs import get_logger
 from ..protocol import (
     JobAccepted,
     JobCancel,
@@ -29,12 +30,15 @@ from ..protocol import (
     encode,
 )
 from ..protocol import subjects as s
+from ..protocol.auth import EventVerifier, cancel_proof
 from .files import save_image
 
 _CORRUPTED = "corrupted_result"
 # Copies of an image that arrive with chunks missing (lost while reconnecting) before
 # one is taken as its answer: the worker re-sends an unconfirmed result in full.
 _RESENDS_AWAITED = 2
+# Unverified events logged per job; more are only counted (`Job.unverified`).
+_UNVERIFIED_LOGGED = 10
 
 
 class ImageBusError(Exception):
@@ -110,6 +114,21 @@ class Job:
     _accepted: asyncio.Event = field(default_factory=asyncio.Event)
     _release: Callable[[], None] | None = None  # stops routing this job's events here
     _nc: Client | None = None
+    # The job's secret, sent in its request: every event must carry a MAC under a key
+    # derived from it, or it is dropped (and counted here). None: events unchecked.
+    secret: bytes | None = field(default=None, repr=False)
+    unverified: int = 0
+    _verifier: EventVerifier | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.secret is not None:
+            self._verifier = EventVerifier(self.secret)
+
+    @property
+    def cancel_token(self) -> str | None:
+        """What proves a cancel of this job comes from its owner (hex), for
+        `ImageBusClient.cancel_job(job_id, token=...)` from another process."""
+        return None if self.secret is None else cancel_proof(self.secret).hex()
 
     @property
     def done(self) -> bool:
@@ -130,7 +149,8 @@ class Job:
         their next step, and each unfinished image is answered as cancelled. A job not
         accepted yet (its request still waits in the stream) is named by its inbox: the
         orchestrators running now answer it as cancelled when they come to serve it."""
-        cancel = JobCancel(self.job_id) if self.job_id else JobCancel("", inbox=self.inbox)
+        proof = None if self.secret is None else cancel_proof(self.secret)
+        cancel = JobCancel(self.job_id or "", inbox="" if self.job_id else self.inbox, proof=proof)
         if self._nc is not None:
             await self._nc.publish(s.CANCEL_SUBJECT, encode(cancel))
 
@@ -175,7 +195,9 @@ class Job:
                 if self.on_progress is None:
                     return  # nobody follows this job's progress: no need to decode it
                 progress = decode(TaskProgress, msg.data)
-                if progress.index not in self.results:
+                if progress.index not in self.results and self._authentic(
+                    msg, event, progress.job_id, progress.index
+                ):
                     self.on_progress(
                         Progress(progress.index, progress.step, progress.steps, progress.worker_id)
                     )
@@ -183,6 +205,8 @@ class Job:
                 chunk = decode(ResultChunk, msg.data)
                 if chunk.index in self.results:
                     return  # a re-sent copy of an image already complete
+                if not self._authentic(msg, event, chunk.job_id, chunk.index):
+                    return
                 parts = self._chunks.setdefault(chunk.index, [])
                 if chunk.seq == 0:
                     parts.clear()  # a new delivery of this image starts
@@ -192,6 +216,8 @@ class Job:
                 await self._on_result(msg)
             elif event == s.EVENT_ASSIGNED:
                 assigned = decode(TaskAssigned, msg.data)
+                if not self._authentic(msg, event, assigned.job_id, assigned.index):
+                    return
                 if (
                     assigned.index in self.results
                     or self.workers.get(assigned.index) == assigned.worker_id
@@ -202,19 +228,41 @@ class Job:
                     self.on_assigned(assigned.index, assigned.worker_id)
             elif event == s.EVENT_ACCEPTED:
                 accepted = decode(JobAccepted, msg.data)
+                if not self._authentic(msg, event, accepted.job_id, None):
+                    return
                 self.job_id, self.seeds, self.n = accepted.job_id, accepted.seeds, accepted.n
                 self._accepted.set()
             elif event == s.EVENT_REJECTED:
-                self._rejection = decode(JobRejected, msg.data)
-                self._done.set()
+                rejection = decode(JobRejected, msg.data)
+                if self._authentic(msg, event, rejection.job_id or "", None):
+                    self._rejection = rejection
+                    self._done.set()
         except ProtocolError:
             pass  # not ours to crash on; a bad event simply does not count
+
+    def _authentic(self, msg: Msg, kind: str, job_id: str, index: int | None) -> bool:
+        """Whether the event comes from this job's orchestrator or the worker assigned
+        its image (its MAC verifies); if not, it is dropped, logged and counted."""
+        if self._verifier is None:
+            return True
+        why = self._verifier.why_not(kind, job_id, index, msg.data, msg.headers)
+        if why is None:
+            return True
+        self.unverified += 1
+        if self.unverified <= _UNVERIFIED_LOGGED:
+            get_logger(inbox=self.inbox, job_id=self.job_id).warning(
+                "unverified event dropped", event=kind, reason=why, index=index,
+                claimed_job_id=job_id, count=self.unverified,
+            )  # fmt: skip
+        return False
 
     async def _on_result(self, msg: Msg) -> None:
         """Keep the first complete answer per image; confirm it to its worker, which
         re-sends it (chunks and all) until confirmed, so copies after a reconnect are
         dropped here, and an image whose chunks were lost in one is awaited again."""
         result = decode(TaskResult, msg.data)
+        if not self._authentic(msg, s.EVENT_RESULT, result.job_id, result.index):
+            return  # not confirmed either: a forger hears nothing
         if result.index in self.results or not 0 <= result.index < self.n:
             self.duplicates += 1  # exactly one result per image: the first wins
             await self._confirm(msg)

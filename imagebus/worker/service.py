@@ -126,7 +126,7 @@ class Worker:
             await self.nc.subscribe(s.worker_ping_subject(self.id), cb=self._on_ping),
             await self.nc.subscribe(s.worker_release_subject(self.id), cb=self._on_release),
             await self.nc.subscribe(s.worker_assign_subject(self.id), cb=self._on_assign),
-            await self.nc.subscribe(s.CANCEL_SUBJECT, cb=self._on_cancel),
+            await self.nc.subscribe(s.worker_cancel_subject(self.id), cb=self._on_cancel),
             await self.nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=self._on_recruit),
         ]
         await self.nc.flush()
@@ -342,11 +342,10 @@ class Worker:
             cancel = decode(JobCancel, msg.data)
         except ProtocolError:
             return
+        # Only the orchestrator speaks here (a verified cancel, a re-assignment, a job
+        # timeout), always by job id: see orchestrator/cancels.py.
         for (job_id, index), running in self._running.items():
-            named = job_id == cancel.job_id or (
-                cancel.inbox and running.assignment.reply_inbox == cancel.inbox
-            )
-            if named and cancel.index in (None, index):
+            if job_id == cancel.job_id and cancel.index in (None, index):
                 self._log.info("cancelling task", job_id=job_id, index=index, reason=cancel.reason)
                 running.cancel(reassigned=cancel.index is not None)
 
@@ -375,7 +374,8 @@ class Worker:
         self._runs[running.run] = running
         running.run.add_done_callback(self._forget_run)
         assigned = TaskAssigned(assignment.job_id, assignment.index, self.id)
-        await self._send(events.assigned(running.dialect, assignment.reply_inbox, assigned))
+        inbox, key = assignment.reply_inbox, running.event_key
+        await self._send(events.assigned(running.dialect, inbox, assigned, key))
 
     def _refusal_reason(self, assignment: TaskAssignment) -> str | None:
         """Why this worker will not run `assignment`, claiming its reservation if it will."""
@@ -403,12 +403,12 @@ class Worker:
     def _queue_image(self, running: RunningTask) -> Queued:
         assignment = running.assignment
         engine = self.engines.get(assignment.params.model or "", self.default_engine)
-        dialect = running.dialect
+        dialect, key = running.dialect, running.event_key
 
         async def on_step(step: int, steps: int) -> None:
             running.step = step
             progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
-            await self._send(events.progress(dialect, assignment.reply_inbox, progress))
+            await self._send(events.progress(dialect, assignment.reply_inbox, progress, key))
 
         running.queued = self._batchers[engine.model].submit(
             assignment.params,
@@ -466,7 +466,7 @@ class Worker:
         seconds = time.perf_counter() - started
         dialect = running.dialect
         result, messages = events.result_messages(
-            dialect, assignment.reply_inbox, result, self.nc.max_payload
+            dialect, assignment.reply_inbox, result, self.nc.max_payload, running.event_key
         )
         # The copy and the result go out in one write (a write per message is most of
         # the bus's cost per job). The slot was freed when the image was rendered.

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..protocol import Dialect, TaskAssignment
+from ..protocol.auth import EventKey
 from .batching import Queued
 
 
@@ -42,12 +43,17 @@ class RunningTask:
     run: asyncio.Task[None] | None = None
     queued: Queued | None = None  # its image in the batcher: says when its batch began
     dialect: Dialect = field(init=False)
+    # What this task's events to the requester are MACed with (None: a requester
+    # without a job secret, whose events go unauthenticated).
+    event_key: EventKey | None = field(init=False)
 
     def __post_init__(self) -> None:
         try:
             self.dialect = Dialect(self.assignment.dialect)
         except ValueError:
             self.dialect = Dialect.NATIVE
+        key = self.assignment.event_key
+        self.event_key = None if key is None else EventKey(key, self.assignment.attempt)
 
     @property
     def making_image(self) -> bool:
