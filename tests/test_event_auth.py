@@ -15,7 +15,8 @@ from PIL import Image
 
 from imagebus.protocol import JobAccepted, JobCancel, JobRejected, TaskResult, encode
 from imagebus.protocol import subjects as s
-from imagebus.requester import ImageBusClient, Job
+from imagebus.protocol.auth import EventKey, assignment_key
+from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError, Job
 
 from .conftest import Stack
 from .helpers import raw_client
@@ -29,7 +30,9 @@ def _png(colour: str = "black") -> bytes:
     return buffer.getvalue()
 
 
-async def _forge(url: str, subject: str, payload: bytes, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+async def _forge(
+    url: str, subject: str, payload: bytes, headers: dict[str, str] | None = None
+) -> None:
     nc = await raw_client(url)
     try:
         await nc.publish(subject, payload, headers=headers)
@@ -40,8 +43,9 @@ async def _forge(url: str, subject: str, payload: bytes, headers: dict[str, str]
 
 def _forged_result(job_id: str, index: int = 0) -> bytes:
     return encode(
-        TaskResult(job_id, index, ok=True, seed=1, worker_id="mallory", png=_png(), width=64,
-                   height=64)  # fmt: skip
+        TaskResult(
+            job_id, index, ok=True, seed=1, worker_id="mallory", png=_png(), width=64, height=64
+        )
     )
 
 
@@ -111,3 +115,68 @@ async def test_a_forged_cancel_on_the_public_subject_changes_nothing(
     print(f"\nforged cancel ({'job' if index is None else 'job + image'}): {len(images)} images")
     assert [image.index for image in images] == [0, 1]
     assert {image.worker_id for image in images} == {worker.id}
+
+
+async def test_bad_macs_are_dropped_and_counted_and_nothing_crashes(stack: Stack) -> None:
+    """Garbage, a MAC of the wrong length, none, a bad attempt number, a MAC by one
+    image's worker key over another image, and a job's own event under a worker's key:
+    each is dropped (and counted); the real image still arrives, and the worker and
+    orchestrator go on serving."""
+    await stack.start_orchestrator()
+    async with ImageBusClient(stack.nats_url) as client:
+        job, job_id = await _accepted_with_no_worker(client, n=2)
+        assert job.secret is not None
+        result = s.event_subject(job.inbox, s.EVENT_RESULT)
+        image_1 = _forged_result(job_id, index=1)
+        # Image 0's worker (attempt 1) holds a key for image 0 only.
+        worker_key = EventKey(assignment_key(job.secret, job_id, 0, 1), 1)
+        accepted = encode(JobAccepted(job_id, 1, [job.seeds[0]]))
+        forgeries: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (result, image_1, {s.HEADER_EVENT_MAC: "not hex at all", s.HEADER_EVENT_ATTEMPT: "1"}),
+            (result, image_1, {s.HEADER_EVENT_MAC: "ab" * 16, s.HEADER_EVENT_ATTEMPT: "0"}),
+            (result, image_1, {s.HEADER_EVENT_MAC: "ab" * 32, s.HEADER_EVENT_ATTEMPT: "0"}),
+            (result, image_1, {s.HEADER_EVENT_MAC: "ab" * 32, s.HEADER_EVENT_ATTEMPT: "-1"}),
+            (result, image_1, {s.HEADER_EVENT_ATTEMPT: "1"}),
+            (result, image_1, None),
+            (result, image_1, worker_key.headers(s.EVENT_RESULT, job_id, 1, image_1)),
+            (
+                s.event_subject(job.inbox, s.EVENT_ACCEPTED),
+                accepted,
+                worker_key.headers(s.EVENT_ACCEPTED, job_id, None, accepted),
+            ),
+        ]
+        for subject, payload, headers in forgeries:
+            await _forge(stack.nats_url, subject, payload, headers)
+        await asyncio.sleep(0.3)
+        assert job.unverified == len(forgeries)
+        worker = await stack.start_worker()
+        images = await job.wait(120)
+    print(f"\nbad MACs: {len(forgeries)} forged events dropped, {len(images)} real images")
+    assert [(image.index, image.worker_id) for image in images] == [(0, worker.id), (1, worker.id)]
+
+
+async def test_the_owner_and_an_admin_cancel_from_another_process(stack: Stack) -> None:
+    """A job is cancelled by its owner's token from any client, or by an admin, and each
+    of its images is answered `cancelled`; a wrong token changes nothing."""
+    await stack.start_orchestrator()
+    async with ImageBusClient(stack.nats_url) as owner, ImageBusClient(stack.nats_url) as other:
+        jobs = [await owner.submit("wait", n=2, width=64, height=64, steps=2) for _ in range(2)]
+        ids = [await job.accepted() for job in jobs]  # no worker: they wait in line
+        recorder = stack.orchestrators[0].recorder
+        assert recorder is not None and await recorder.flush(30)  # their records exist
+        with pytest.raises(ImageBusError) as refused:
+            await other.cancel_job(ids[0], timeout=5)
+        assert refused.value.code == "not_owner"
+        with pytest.raises(ImageBusError, match="still"):  # a wrong token: still waiting
+            await other.cancel_job(ids[0], timeout=2, token="00" * 32)
+        assert jobs[0].cancel_token is not None
+        by_owner = await other.cancel_job(ids[0], timeout=60, token=jobs[0].cancel_token)
+        by_admin = await other.cancel_job(ids[1], timeout=60, admin=True)
+        errors = []
+        for job in jobs:
+            with pytest.raises(GenerationFailed) as failed:
+                await job.wait(60)
+            assert [f.code for f in failed.value.failures] == ["cancelled", "cancelled"]
+            errors.append(failed.value.failures[0].error)
+    assert (by_owner.state, by_admin.state) == ("cancelled", "cancelled")
+    assert errors == ["cancelled by the requester", "cancelled by an admin"]
