@@ -11,11 +11,28 @@ import asyncio
 import io
 
 import pytest
+import structlog.testing
 from PIL import Image
 
-from imagebus.protocol import JobAccepted, JobCancel, JobRejected, TaskResult, encode
+from imagebus.protocol import (
+    Dialect,
+    JobAccepted,
+    JobCancel,
+    JobRejected,
+    TaskResult,
+    encode,
+    events,
+)
 from imagebus.protocol import subjects as s
-from imagebus.protocol.auth import EventKey, assignment_key
+from imagebus.protocol.auth import (
+    AuthError,
+    EventKey,
+    EventVerifier,
+    assignment_key,
+    new_secret,
+    secret_header,
+    secret_of,
+)
 from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError, Job
 
 from .conftest import Stack
@@ -145,10 +162,22 @@ async def test_bad_macs_are_dropped_and_counted_and_nothing_crashes(stack: Stack
                 worker_key.headers(s.EVENT_ACCEPTED, job_id, None, accepted),
             ),
         ]
-        for subject, payload, headers in forgeries:
-            await _forge(stack.nats_url, subject, payload, headers)
-        await asyncio.sleep(0.3)
+        with structlog.testing.capture_logs() as logs:
+            for subject, payload, headers in forgeries:
+                await _forge(stack.nats_url, subject, payload, headers)
+            await asyncio.sleep(0.3)
         assert job.unverified == len(forgeries)
+        reasons = [e["reason"] for e in logs if e["event"] == "unverified event dropped"]
+        assert reasons == [
+            "MAC is not hexadecimal",
+            "MAC of 16 bytes, not 32",
+            "MAC does not verify",
+            "no valid attempt number",
+            "no MAC",
+            "no MAC",
+            "MAC does not verify",
+            "a job's own event under a worker's key",
+        ]
         worker = await stack.start_worker()
         images = await job.wait(120)
     print(f"\nbad MACs: {len(forgeries)} forged events dropped, {len(images)} real images")
@@ -180,3 +209,29 @@ async def test_the_owner_and_an_admin_cancel_from_another_process(stack: Stack) 
             errors.append(failed.value.failures[0].error)
     assert (by_owner.state, by_admin.state) == ("cancelled", "cancelled")
     assert errors == ["cancelled by the requester", "cancelled by an admin"]
+
+
+def test_a_malformed_secret_is_a_clear_error_and_every_chunk_verifies() -> None:
+    assert secret_of({}) is None and secret_of(None) is None
+    with pytest.raises(AuthError, match="not hexadecimal"):
+        secret_of({s.HEADER_JOB_SECRET: "zz" * 32})
+    with pytest.raises(AuthError, match="32 bytes, not 16"):
+        secret_of({s.HEADER_JOB_SECRET: "ab" * 16})
+    secret = new_secret()
+    assert secret_of(secret_header(secret)) == secret
+    # A result split in chunks: each message is MACed, and each verifies on its own.
+    key = EventKey(assignment_key(secret, "job", 3, 2), 2)
+    result = TaskResult("job", 3, ok=True, seed=1, png=bytes(range(256)) * 40)
+    _, messages = events.result_messages(Dialect.NATIVE, "_INBOX.x", result, 4096, key)
+    assert len(messages) > 2
+    verifier = EventVerifier(secret)
+    for out in messages:
+        kind = out.subject.rsplit(".", 1)[1]
+        assert verifier.why_not(kind, "job", 3, out.payload, out.headers) is None
+        assert verifier.why_not(kind, "job", 4, out.payload, out.headers) == ("MAC does not verify")
+    assert (
+        EventVerifier(new_secret()).why_not(
+            s.EVENT_RESULT, "job", 3, messages[-1].payload, messages[-1].headers
+        )
+        == "MAC does not verify"
+    )

@@ -251,7 +251,7 @@ class Job:
         self.unverified += 1
         if self.unverified <= _UNVERIFIED_LOGGED:
             get_logger(inbox=self.inbox, job_id=self.job_id).warning(
-                "unverified event dropped", event=kind, reason=why, index=index,
+                "unverified event dropped", kind=kind, reason=why, index=index,
                 claimed_job_id=job_id, count=self.unverified,
             )  # fmt: skip
         return False
