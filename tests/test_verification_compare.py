@@ -188,3 +188,11 @@ def test_an_unknown_class_is_compared_perceptually_even_against_itself() -> None
     assert compare(image, image, unknown, unknown).metric == PERCEPTUAL_METRIC
     assert compare(image, image, empty_dtype, empty_dtype).metric == PERCEPTUAL_METRIC
     assert compare(image, image, FLOAT32, FLOAT32).metric == PIXEL_METRIC
+
+
+def test_a_picture_hidden_under_transparency_is_the_blank_image_it_shows() -> None:
+    pixels = smooth_image(11)
+    hidden = np.dstack([pixels, np.zeros(pixels.shape[:2], dtype=np.uint8)])  # alpha 0
+    opaque = np.dstack([pixels, np.full(pixels.shape[:2], 255, dtype=np.uint8)])
+    assert not compare(png(hidden), png(pixels), FLOAT32, FLOAT32).matches
+    assert compare(png(opaque), png(pixels), FLOAT32, FLOAT32).matches
