@@ -254,7 +254,7 @@ def report(
     lines = [
         "## 6. Verification: honest re-runs against forgeries (tiny model, CPU)",
         "",
-        f"{len(records)} records ({len(PROMPTS)} prompts, one seed each; {SIZE}x{SIZE}, "
+        f"{len(records)} records ({len(PROMPTS)} prompts in turn, a seed each; {SIZE}x{SIZE}, "
         f"{STEPS} steps, guidance {GUIDANCE}), each made in two determinism classes: "
         "float32 (batches of 1, 2 and 4, and channels-last) and bfloat16 (batches of 1 "
         f"and 4), both on the CPU. Thresholds: within a class max difference <= "
