@@ -34,6 +34,7 @@ from ..protocol.control import (
     read_query,
 )
 from .registry import Registry
+from .trust import TrustBook
 from .watch import Watch
 
 
@@ -60,6 +61,7 @@ class ControlPlane:
         stats: Callable[[LoopLagSummary], OrchestratorStats],
         loop_lag: LoopLag,
         log: FilteringBoundLogger,
+        trust: TrustBook | None = None,
     ) -> None:
         self.nc = nc
         self.id = orchestrator_id
@@ -72,6 +74,7 @@ class ControlPlane:
         self._stats = stats
         self.loop_lag = loop_lag
         self._log = log
+        self.trust = trust
 
     async def subscribe(self) -> list[Subscription]:
         one = s.ORCHESTRATOR_QUEUE  # queries that one orchestrator answers
@@ -117,6 +120,7 @@ class ControlPlane:
         listing = []
         for advert, age in self.registry.listing():
             breaker = self.registry.breaker.view(advert.worker_id)
+            trust = self.trust.row(advert.worker_id) if self.trust is not None else None
             listing.append(
                 WorkerListing(
                     advert,
@@ -125,6 +129,9 @@ class ControlPlane:
                     breaker.state.value,
                     round(breaker.open_for_s, 1),
                     breaker.failures,
+                    self.trust.level(advert.worker_id) if self.trust is not None else "",
+                    trust.verified if trust is not None else 0,
+                    trust.strikes if trust is not None else 0,
                 )
             )
         await self._answer(msg, WorkerList(listing))

@@ -30,6 +30,7 @@ from .subjects import (
     EVENT_ACCEPTED,
     EVENT_ASSIGNED,
     EVENT_CHUNK,
+    EVENT_CORRECTION,
     EVENT_PROGRESS,
     EVENT_REJECTED,
     EVENT_RESULT,
@@ -155,3 +156,11 @@ def result_messages(
         event, png=None, chunks=len(chunks), size=len(png), sha256=hashlib.sha256(png).hexdigest()
     )
     return event, [*chunks, result(dialect, inbox, head)]
+
+
+def correction(dialect: Dialect, inbox: str, event: TaskResult) -> Outbound | None:
+    """The verified image that replaces one a worker forged: a TaskResult on
+    `<inbox>.correction`. The prototype's protocol has no such event: None."""
+    if dialect is Dialect.LEGACY:
+        return None
+    return _native(inbox, EVENT_CORRECTION, event)

@@ -77,6 +77,8 @@ EVENT_ASSIGNED = "assigned"
 EVENT_PROGRESS = "progress"
 EVENT_RESULT = "result"
 EVENT_CHUNK = "chunk"
+# A result that replaces one a worker forged (verification): a TaskResult.
+EVENT_CORRECTION = "correction"
 
 # Requesters may only name inboxes: anything else would let a client make the
 # orchestrator or a worker publish on a control subject.

@@ -113,6 +113,7 @@ class ImageBusClient:
         task_timeout: float | None = None,
         job_timeout: float | None = None,
         queue_timeout: float | None = None,
+        trusted_only: bool = False,
         on_progress: ProgressCallback | None = None,
         on_assigned: AssignedCallback | None = None,
     ) -> Job:
@@ -130,7 +131,7 @@ class ImageBusClient:
                 prompt, n=n, width=width, height=height, steps=steps, guidance=guidance,
                 seed=seed, negative_prompt=negative_prompt, model=model, preset=preset,
                 device=device, min_vram_gb=min_vram_gb, task_timeout=task_timeout,
-                job_timeout=job_timeout, queue_timeout=queue_timeout,
+                job_timeout=job_timeout, queue_timeout=queue_timeout, trusted_only=trusted_only,
             )  # fmt: skip
         except RequestError as exc:
             raise ImageBusError(str(exc), "invalid_request") from None

@@ -1,0 +1,135 @@
+"""Each worker id's trust level, held in memory so dispatch never waits on Postgres.
+
+A new id is on probation: every result it returns is verified (verify.py), it holds
+at most `probation_max_tasks` tasks at once (so that many identities buy no more
+of the pool's work than one), and a `trusted_only` request never goes to it. It
+graduates once `verify_probation` re-runs on trusted workers matched its images.
+Trusted from the start: the ids the operator declares (IMAGEBUS_TRUSTED_WORKERS,
+`imagebus trust add`), which are the pool's first verifiers. Blacklisted: on the
+blacklist (by hand, or by strikes).
+
+A pool with no live trusted worker cannot verify anything, so nobody there could
+ever graduate: the probation limit then holds no one back (a warning says so once),
+while `trusted_only` requests wait for a trusted worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+
+from structlog.typing import FilteringBoundLogger
+
+from ..db import BLACKLISTED, PROBATION, TRANSIENT_ERRORS, TRUSTED, TrustRow, TrustStore
+from ..protocol import RecruitCall
+from .registry import Registry
+from .watch import Watch
+
+
+class TrustBook:
+    def __init__(
+        self,
+        store: TrustStore | None,
+        registry: Registry,
+        blacklisted: Callable[[], frozenset[str]],
+        *,
+        declared: Iterable[str] = (),
+        probation_max_tasks: int = 1,
+        log: FilteringBoundLogger,
+        refresh_s: float = 3.0,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self._blacklisted = blacklisted
+        self.declared = frozenset(declared)
+        self.probation_max_tasks = probation_max_tasks
+        self.refresh_s = refresh_s
+        self._rows: dict[str, TrustRow] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._warned_no_verifier = False
+        self._log = log
+
+    # --- levels ------------------------------------------------------------------
+
+    def level(self, worker_id: str) -> str:
+        if worker_id in self._blacklisted():
+            return BLACKLISTED
+        if worker_id in self.declared:
+            return TRUSTED
+        row = self._rows.get(worker_id)
+        return row.level if row is not None else PROBATION
+
+    def row(self, worker_id: str) -> TrustRow:
+        return self._rows.get(worker_id) or TrustRow(worker_id, self.level(worker_id))
+
+    def update(self, row: TrustRow) -> None:
+        self._rows[row.worker_id] = row
+
+    def verifiers(self, call: RecruitCall, exclude: Iterable[str] = ()) -> list[str]:
+        """Live trusted workers that could re-run `call` now (their breaker allows)."""
+        excluded = frozenset(exclude)
+        return [
+            advert.worker_id
+            for advert in self.registry.live()
+            if advert.worker_id not in excluded
+            and self.level(advert.worker_id) == TRUSTED
+            and self.registry.fits(advert.worker_id, call)
+        ]
+
+    def any_trusted_live(self) -> bool:
+        return any(self.level(a.worker_id) == TRUSTED for a in self.registry.live())
+
+    def held_back(
+        self, watches: Mapping[tuple[str, int], Watch], trusted_only: bool
+    ) -> frozenset[str]:
+        """The workers a task must not go to now: every worker on probation for a
+        `trusted_only` task; otherwise those on probation holding their share of tasks."""
+        if trusted_only:
+            # Every known worker, live or not: one whose adverts lag (a loaded machine)
+            # may still answer a recruitment call.
+            known = (advert.worker_id for advert, _ in self.registry.listing())
+            return frozenset(w for w in known if self.level(w) == PROBATION)
+        probation = [
+            a.worker_id for a in self.registry.live() if self.level(a.worker_id) == PROBATION
+        ]
+        if not probation:
+            return frozenset()
+        if not self.any_trusted_live():
+            if not self._warned_no_verifier:
+                self._warned_no_verifier = True
+                self._log.warning(
+                    "no trusted worker is live: results cannot be verified and no worker on "
+                    "probation is held back (declare some: IMAGEBUS_TRUSTED_WORKERS, "
+                    "imagebus trust add)"
+                )
+            return frozenset()
+        on_probation = frozenset(probation)
+        held = Counter(w.worker_id for w in watches.values() if w.worker_id in on_probation)
+        return frozenset(w for w, n in held.items() if n >= self.probation_max_tasks)
+
+    # --- life cycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="imagebus-trust")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def refresh(self) -> None:
+        if self.store is not None:
+            self._rows = await self.store.rows()
+
+    async def _run(self) -> None:
+        """Other orchestrators' verdicts and `imagebus trust` arrive with the next refresh."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except TRANSIENT_ERRORS as exc:
+                self._log.warning("trust levels not refreshed; keeping the last", error=str(exc))
