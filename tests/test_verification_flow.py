@@ -17,7 +17,7 @@ import pytest
 from imagebus.db import TrustStore
 from imagebus.orchestrator import Orchestrator
 from imagebus.protocol import TaskResult, decode
-from imagebus.requester import ImageBusClient
+from imagebus.requester import ImageBusClient, ImageBusError
 
 from .conftest import Stack
 from .helpers import collect, raw_client, wait_for_workers
@@ -185,3 +185,28 @@ async def test_trusted_only_images_never_come_from_a_worker_on_probation(stack: 
     await orchestrator.verifier.settle(60)
     print(f"\ntrusted_only: {dict(strict_from)}; open: {dict(open_from)}")
     assert set(strict_from) == {"honest-1"}
+
+
+async def test_trust_by_hand_and_in_the_workers_listing(stack: Stack) -> None:
+    await stack.start_orchestrator(trusted_workers=("declared",))
+    await stack.start_worker("newcomer")
+    await stack.start_worker("declared")
+    await asyncio.sleep(2.5)
+    async with ImageBusClient(stack.nats_url) as client:
+        before = {w.advert.worker_id: w.trust for w in await client.workers()}
+        added = await client.trust("add", "newcomer")
+        again = await client.trust("add", "newcomer")
+        after = {w.advert.worker_id: w.trust for w in await client.workers()}
+        errors = []
+        for action, worker_id in [("remove", "declared"), ("add", "not an id!"), ("own", "x")]:
+            with pytest.raises(ImageBusError) as refused:
+                await client.trust(action, worker_id)
+            errors.append((refused.value.code, str(refused.value)))
+        removed = await client.trust("remove", "newcomer")
+    print(f"\ntrust by hand: before {before}, after {after}; refused {errors}")
+    assert before == {"newcomer": "probation", "declared": "trusted"}
+    assert added.changed and not again.changed and removed.changed
+    assert after == {"newcomer": "trusted", "declared": "trusted"}
+    assert all(code == "invalid_request" for code, _ in errors)
+    assert "IMAGEBUS_TRUSTED_WORKERS" in errors[0][1] and "not a worker id" in errors[1][1]
+    assert {e.worker_id: e.level for e in removed.entries}["newcomer"] == "probation"

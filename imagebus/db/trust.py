@@ -60,13 +60,18 @@ class TrustStore:
         rows = await self.pool.fetch("SELECT worker_id, level, verified, strikes FROM worker_trust")
         return {r["worker_id"]: TrustRow(*r.values()) for r in rows}
 
-    async def set_level(self, worker_id: str, level: str) -> None:
-        await self.pool.execute(
-            "INSERT INTO worker_trust (worker_id, level) VALUES ($1, $2)"
-            " ON CONFLICT (worker_id) DO UPDATE SET level = EXCLUDED.level, updated_at = now()",
+    async def set_level(self, worker_id: str, level: str) -> bool:
+        """Set by hand (back on probation: its verified count from zero); whether it
+        changed."""
+        changed = await self.pool.fetchval(
+            "INSERT INTO worker_trust AS t (worker_id, level) VALUES ($1, $2)"
+            " ON CONFLICT (worker_id) DO UPDATE SET level = EXCLUDED.level,"
+            " verified = CASE WHEN EXCLUDED.level = 'probation' THEN 0 ELSE t.verified END,"
+            " updated_at = now() WHERE t.level IS DISTINCT FROM EXCLUDED.level RETURNING true",
             worker_id,
             level,
         )
+        return bool(changed)
 
     async def record(self, verdict: Verdict) -> int:
         """Store a verdict; its id."""

@@ -29,6 +29,7 @@ from ..protocol.control import (
     OrchestratorStats,
     SchemaAnswer,
     StatsQuery,
+    TrustCommand,
     WorkerList,
     error_answer,
     read_query,
@@ -85,6 +86,7 @@ class ControlPlane:
             await self.nc.subscribe(s.JOB_STATUS_SUBJECT, queue=one, cb=self._on_job_status),
             await self.nc.subscribe(s.SCHEMA_SUBJECT, queue=one, cb=self._on_schema),
             await self.nc.subscribe(s.ADMIN_BLACKLIST_SUBJECT, queue=one, cb=self._on_blacklist),
+            await self.nc.subscribe(s.ADMIN_TRUST_SUBJECT, queue=one, cb=self._on_trust),
         ]
 
     # --- answering: one helper for answers, one for errors ----------------------------
@@ -182,6 +184,20 @@ class ControlPlane:
             await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
             return
         await self._answer(msg, BlacklistAnswer([_listed(e) for e in entries], changed))
+
+    async def _on_trust(self, msg: Msg) -> None:
+        try:
+            if self.trust is None:
+                raise ValueError("this orchestrator keeps no trust levels")
+            answer = await self.trust.command(read_query(TrustCommand, msg.data))
+        except (ProtocolError, ValueError) as exc:
+            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
+            return
+        except TRANSIENT_ERRORS as exc:
+            message = f"the database is unreachable: {exc}"
+            await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
+            return
+        await self._answer(msg, answer)
 
     async def _change_blacklist(self, command: BlacklistCommand) -> bool:
         """Apply an add or a remove; whether it changed the blacklist."""

@@ -24,6 +24,8 @@ from structlog.typing import FilteringBoundLogger
 
 from ..db import BLACKLISTED, PROBATION, TRANSIENT_ERRORS, TRUSTED, TrustRow, TrustStore
 from ..protocol import RecruitCall
+from ..protocol import subjects as s
+from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
 from .registry import Registry
 from .watch import Watch
 
@@ -108,6 +110,36 @@ class TrustBook:
         on_probation = frozenset(probation)
         held = Counter(w.worker_id for w in watches.values() if w.worker_id in on_probation)
         return frozenset(w for w, n in held.items() if n >= self.probation_max_tasks)
+
+    async def command(self, command: TrustCommand) -> TrustAnswer:
+        """`imagebus trust`: ValueError for a bad command; TRANSIENT_ERRORS from Postgres."""
+        changed = False
+        if command.action not in tuple(TrustAction):
+            actions = ", ".join(TrustAction)
+            raise ValueError(f"unknown trust action {command.action!r} (one of: {actions})")
+        if command.action != TrustAction.LIST:
+            if not s.is_valid_worker_id(command.worker_id):
+                raise ValueError(
+                    f"{command.worker_id!r} is not a worker id (1 to 64 letters, digits, - or _)"
+                )
+            if command.action == TrustAction.REMOVE and command.worker_id in self.declared:
+                raise ValueError(
+                    f"{command.worker_id} is declared trusted by IMAGEBUS_TRUSTED_WORKERS: "
+                    "remove it there"
+                )
+            if self.store is not None:
+                level = TRUSTED if command.action == TrustAction.ADD else PROBATION
+                changed = await self.store.set_level(command.worker_id, level)
+            self._log.info("trust changed over the bus", action=command.action,
+                           worker_id=command.worker_id, changed=changed)  # fmt: skip
+        await self.refresh()
+        ids = sorted(set(self._rows) | self.declared)
+        entries = [
+            TrustedWorker(w, self.level(w), self.row(w).verified, self.row(w).strikes,
+                          w in self.declared)
+            for w in ids
+        ]  # fmt: skip
+        return TrustAnswer(entries, changed)
 
     # --- life cycle --------------------------------------------------------------
 

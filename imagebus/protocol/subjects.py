@@ -45,6 +45,8 @@ SCHEMA_SUBJECT = "imagebus.schema"
 # Administration, answered by one orchestrator (queue group); only the orchestrator
 # and admin users may publish here (deploy/nats-permissions.conf). See control.py.
 ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
+# Trust levels by hand (`imagebus trust`): trusted from now on, or back on probation.
+ADMIN_TRUST_SUBJECT = "imagebus.admin.trust"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"

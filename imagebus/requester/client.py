@@ -338,6 +338,14 @@ class ImageBusClient:
     async def _ask_blacklist(self, command: control.BlacklistCommand) -> control.BlacklistAnswer:
         return await self._ask(s.ADMIN_BLACKLIST_SUBJECT, control.BlacklistAnswer, command)
 
+    async def trust(
+        self, action: str = control.TrustAction.LIST, worker_id: str = ""
+    ) -> control.TrustAnswer:
+        """Trust levels by hand: "add" (trusted: a verifier), "remove" (back on
+        probation) or "list"; the answer lists every worker id with a trust record."""
+        command = control.TrustCommand(action, worker_id)
+        return await self._ask(s.ADMIN_TRUST_SUBJECT, control.TrustAnswer, command)
+
     async def generate(
         self, prompt: str, *, timeout: float | None = 600.0, **options: object
     ) -> list[GeneratedImage]:
