@@ -340,7 +340,9 @@ class Verifier:
                     else:
                         answer.set_result(_FAILED)
             except ProtocolError as exc:
-                self._log.warning("malformed re-run event dropped", event=event, error=str(exc))
+                self._log.warning(
+                    "malformed re-run event dropped", subject=msg.subject, error=str(exc)
+                )
 
         subscription = await self.nc.subscribe(f"{inbox}.>", cb=on_event)
         job_id = f"verify-{token}"
