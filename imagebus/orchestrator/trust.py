@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -26,8 +27,12 @@ from ..db import BLACKLISTED, PROBATION, TRANSIENT_ERRORS, TRUSTED, TrustRow, Tr
 from ..protocol import RecruitCall
 from ..protocol import subjects as s
 from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
-from .registry import Registry
+from .registry import LIVE_FOR_S, Registry
 from .watch import Watch
+
+# How long dispatch may use the same view of who is on probation (a new worker's first
+# advert, a graduation and a blacklisting take effect within it).
+_VIEW_S = 0.25
 
 
 class TrustBook:
@@ -51,6 +56,7 @@ class TrustBook:
         self._rows: dict[str, TrustRow] = {}
         self._task: asyncio.Task[None] | None = None
         self._warned_no_verifier = False
+        self._view: tuple[float, frozenset[str], frozenset[str], bool] | None = None
         self._log = log
 
     # --- levels ------------------------------------------------------------------
@@ -68,6 +74,7 @@ class TrustBook:
 
     def update(self, row: TrustRow) -> None:
         self._rows[row.worker_id] = row
+        self._view = None
 
     def verifiers(self, call: RecruitCall, exclude: Iterable[str] = ()) -> list[str]:
         """Live trusted workers that could re-run `call` now (their breaker allows)."""
@@ -80,25 +87,17 @@ class TrustBook:
             and self.registry.fits(advert.worker_id, call)
         ]
 
-    def any_trusted_live(self) -> bool:
-        return any(self.level(a.worker_id) == TRUSTED for a in self.registry.live())
-
     def held_back(
         self, watches: Mapping[tuple[str, int], Watch], trusted_only: bool
     ) -> frozenset[str]:
         """The workers a task must not go to now: every worker on probation for a
         `trusted_only` task; otherwise those on probation holding their share of tasks."""
+        known_on_probation, live_on_probation, trusted_live = self._pool_view()
         if trusted_only:
-            # Every known worker, live or not: one whose adverts lag (a loaded machine)
-            # may still answer a recruitment call.
-            known = (advert.worker_id for advert, _ in self.registry.listing())
-            return frozenset(w for w in known if self.level(w) == PROBATION)
-        probation = [
-            a.worker_id for a in self.registry.live() if self.level(a.worker_id) == PROBATION
-        ]
-        if not probation:
+            return known_on_probation
+        if not live_on_probation:
             return frozenset()
-        if not self.any_trusted_live():
+        if not trusted_live:
             if not self._warned_no_verifier:
                 self._warned_no_verifier = True
                 self._log.warning(
@@ -107,9 +106,24 @@ class TrustBook:
                     "imagebus trust add)"
                 )
             return frozenset()
-        on_probation = frozenset(probation)
-        held = Counter(w.worker_id for w in watches.values() if w.worker_id in on_probation)
+        held = Counter(w.worker_id for w in watches.values() if w.worker_id in live_on_probation)
         return frozenset(w for w, n in held.items() if n >= self.probation_max_tasks)
+
+    def _pool_view(self) -> tuple[frozenset[str], frozenset[str], bool]:
+        """(every known worker on probation, live or not: one whose adverts lag may still
+        answer a recruitment call; the live ones; whether a trusted one is live). Worked
+        out at most every `_VIEW_S`: dispatch asks for every task."""
+        now = time.monotonic()
+        if self._view is None or now - self._view[0] > _VIEW_S:
+            known = [(advert.worker_id, age) for advert, age in self.registry.listing()]
+            on_probation = [(w, age) for w, age in known if self.level(w) == PROBATION]
+            self._view = (
+                now,
+                frozenset(w for w, _ in on_probation),
+                frozenset(w for w, age in on_probation if age <= LIVE_FOR_S),
+                any(self.level(w) == TRUSTED and age <= LIVE_FOR_S for w, age in known),
+            )
+        return self._view[1:]
 
     async def command(self, command: TrustCommand) -> TrustAnswer:
         """`imagebus trust`: ValueError for a bad command; TRANSIENT_ERRORS from Postgres."""
@@ -156,6 +170,7 @@ class TrustBook:
     async def refresh(self) -> None:
         if self.store is not None:
             self._rows = await self.store.rows()
+            self._view = None
 
     async def _run(self) -> None:
         """Other orchestrators' verdicts and `imagebus trust` arrive with the next refresh."""
