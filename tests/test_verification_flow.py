@@ -210,3 +210,29 @@ async def test_trust_by_hand_and_in_the_workers_listing(stack: Stack) -> None:
     assert all(code == "invalid_request" for code, _ in errors)
     assert "IMAGEBUS_TRUSTED_WORKERS" in errors[0][1] and "not a worker id" in errors[1][1]
     assert {e.worker_id: e.level for e in removed.entries}["newcomer"] == "probation"
+
+
+async def test_sampling_trusted_workers_stays_within_the_budget(stack: Stack) -> None:
+    budget = 0.25
+    orchestrator = await stack.start_orchestrator(
+        trusted_workers=("honest-1", "honest-2"), verify_sample=1.0, verify_budget=budget
+    )
+    await stack.start_worker("honest-1")
+    await stack.start_worker("honest-2")
+    await asyncio.sleep(2.5)
+    async with ImageBusClient(stack.nats_url) as client:
+        await client.generate("budget", n=16, timeout=120, **IMAGE)  # type: ignore[arg-type]
+    verifier = orchestrator.verifier
+    assert verifier is not None
+    await verifier.settle(60)
+    figures = verifier.figures
+    share = verifier.verify_s / verifier.work_s
+    print(
+        f"\nbudget {budget:.0%}: re-runs {verifier.verify_s:.2f}s of {verifier.work_s:.2f}s "
+        f"({share:.0%}); verdicts {dict(figures)}"
+    )
+    # Every image is sampled (rate 1.0), but re-runs start only while under budget: at
+    # most one image's worth over it.
+    assert 1 <= figures["match"] < 16 and figures["skipped: over budget"] >= 1
+    assert verifier.verify_s <= budget * verifier.work_s + verifier.work_s / 16 * 2
+    assert figures["forged"] == 0 and figures["verifier lied"] == 0

@@ -77,6 +77,7 @@ class Sample:
     params: ImageParams
     inbox: str
     dialect: Dialect
+    seconds: float  # what the image took: about what each re-run costs
 
 
 async def start_verification(
@@ -118,7 +119,9 @@ class Verifier:
         self._pending: set[asyncio.Task[None]] = set()
         self._running = asyncio.Semaphore(RUNNING_AT_ONCE)
         self.work_s = 0.0  # seconds of images made for requesters
-        self.verify_s = 0.0  # seconds of re-runs
+        # Seconds of re-runs, counted when each starts (a re-run costs about what the
+        # image did), so a burst of samples cannot overrun the budget before any ends.
+        self.verify_s = 0.0
         self.figures: Counter[str] = Counter()  # verdicts and skips, for tests and stats
 
     # --- deciding ----------------------------------------------------------------
@@ -147,8 +150,9 @@ class Verifier:
             return
         sample = Sample(
             job.job_id, report.index, report.worker_id, job.seeds[report.index],
-            job.request.params_for(report.index), job.inbox, job.dialect,
+            job.request.params_for(report.index), job.inbox, job.dialect, report.seconds,
         )  # fmt: skip
+        self.verify_s += sample.seconds
         task = asyncio.create_task(self._verify(sample), name=f"imagebus-verify-{job.job_id}")
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -199,6 +203,7 @@ class Verifier:
         log.warning(
             "re-run does not match; breaking the tie", verifier_id=verifier_id, reason=check.reason
         )
+        self.verify_s += sample.seconds
         third = await self._rerun(sample, {sample.worker_id, verifier_id})
         if third is None:
             await self._record(evidence.verdict("inconclusive"))
@@ -350,7 +355,6 @@ class Verifier:
             job_id=job_id, index=0, seed=sample.seed, params=sample.params, reply_inbox=inbox,
             dialect=Dialect.NATIVE.value, reservation_id="", report_subject=f"{inbox}.report",
         )  # fmt: skip
-        started = time.monotonic()
         try:
             await self.nc.publish(
                 s.worker_assign_subject(worker_id), encode(assignment), reply=f"{inbox}.{_REFUSED}"
@@ -367,7 +371,6 @@ class Verifier:
                 await subscription.unsubscribe()
         if isinstance(result, str):
             return result
-        self.verify_s += time.monotonic() - started
         png = result.png
         if png is None and result.chunks:
             png = b"".join(chunks.get(k, b"") for k in range(result.chunks))
