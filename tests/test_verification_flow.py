@@ -22,12 +22,10 @@ from imagebus.requester import ImageBusClient, ImageBusError
 from .conftest import Stack
 from .helpers import collect, raw_client, wait_for_workers
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = {"width": 32, "height": 32, "steps": 2}
 # The forgeries the tiny model shows: another prompt's image is not among them (its
-# random-weight text encoder barely moves the pixels; see docs/verification.md).
+# random-weight text encoder barely moves the pixels; see docs/security.md).
 MODES = "blank,noise,other_seed,fewer_steps"
 
 
@@ -68,6 +66,8 @@ async def trust_rows(orchestrator: Orchestrator) -> dict[str, tuple[str, int, in
     return {w: (r.level, r.verified, r.strikes) for w, r in rows.items()}
 
 
+@pytest.mark.faults
+@pytest.mark.slow  # a forging worker process
 async def test_ten_forging_identities_are_blacklisted_within_probation(stack: Stack) -> None:
     honest = ["honest-1", "honest-2", "honest-3"]
     forgers = [f"forger-{i}" for i in range(10)]
@@ -135,6 +135,8 @@ async def test_ten_forging_identities_are_blacklisted_within_probation(stack: St
     assert figures["forged"] >= len(forgers) and figures["verifier lied"] == 0
 
 
+@pytest.mark.faults
+@pytest.mark.slow  # a forging worker process
 async def test_a_lying_verifier_cannot_frame_an_honest_worker(stack: Stack) -> None:
     orchestrator = await stack.start_orchestrator(
         trusted_workers=("honest-1", "honest-2", "liar"), verify_probation=100, verify_sample=0.0
