@@ -512,12 +512,28 @@ def gpu_section(report: Report, nats_server: NatsServer, postgres: Postgres, sca
     report.add(_gpu_table())
 
 
+def verification_section(
+    report: Report, nats_server: NatsServer, postgres: Postgres, scale: float
+) -> None:
+    # In its own process, as the other model sections are: it loads four tiny models.
+    records = max(int(80 * scale), 12)
+    section = subprocess.run(
+        [PYTHON, "-m", "bench.verification", "--records", str(records)],
+        env=QUIET, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    start = section.stdout.index("## ")
+    for line in section.stdout[start:].rstrip().splitlines():
+        report.add(line)
+    report.add("")
+
+
 SECTIONS = {
     "dispatch": dispatch_section,
     "throughput": throughput_section,
     "scaling": scaling_section,
     "tiny": tiny_section,
     "gpu": gpu_section,
+    "verification": verification_section,
 }
 
 

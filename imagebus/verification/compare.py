@@ -2,15 +2,19 @@
 
 Within one determinism class (same model, device kind and dtype) an honest re-run
 gives the same pixels up to rounding, so a pixel tolerance decides. Across classes
-(another dtype, another kind of device) an honest re-run drifts visibly pixel by pixel
-but keeps the picture's structure, so a perceptual score decides: the structural
-similarity (SSIM) of the two images. Both thresholds were measured on honest pairs of
-the real `tiny` model (bench/verification.py; figures and reasons in docs/verification.md).
+(another dtype, another kind of device) an honest re-run drifts a little at every
+pixel but keeps the picture's structure, so a perceptual score decides: the structural
+similarity (SSIM) of the two images. A class with an unknown field is never the same
+as another. The thresholds were measured on honest pairs and forgeries of the real
+`tiny` model (bench/verification.py); figures, reasons and their limits (they are the
+tiny model's: re-measure for another model) are in docs/verification.md.
 
 Bad input never raises out of `compare`: an unreadable PNG (not a PNG, truncated,
 corrupt, larger than `max_pixels`) or two images of different sizes is a non-match
-whose `reason` says what was wrong and whose `bad_input` names the unreadable side.
-Only a programming error (an argument that is not bytes) raises TypeError.
+whose `reason` says what was wrong and whose `bad_input` names the unreadable side
+(None for a size mismatch: both were read). Only a programming error (an argument
+that is not bytes) raises TypeError. A 512x512 comparison costs about 0.2 s of CPU:
+call it from a thread on an event loop.
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from .images import MAX_PIXELS, Pixels, UnreadableImage, decode_png
 
 # Within one class: an honest re-run may differ by rounding (another batch size, another
 # kernel layout). Both bounds must hold. Measured: see docs/verification.md.
-PIXEL_MAX_TOLERANCE = 8  # the largest difference of any pixel channel, of 255
-PIXEL_MEAN_TOLERANCE = 1.0  # the mean absolute difference over all channels, of 255
+PIXEL_MAX_TOLERANCE = 16  # the largest difference of any pixel channel, of 255
+PIXEL_MEAN_TOLERANCE = 0.2  # the mean absolute difference over all channels, of 255
 # Across classes: the least structural similarity (1.0 = identical) of an honest pair.
-SSIM_THRESHOLD = 0.90
+SSIM_THRESHOLD = 0.998
 
 PIXEL_METRIC = "pixel"
 PERCEPTUAL_METRIC = "ssim"
 
+UNKNOWN = "unknown"
 BadInput = Literal["original", "rerun", "both"]
 
 
@@ -46,6 +51,14 @@ class DeterminismClass:
     model: str
     device_kind: str
     dtype: str
+
+    @property
+    def known(self) -> bool:
+        """False when a field is empty or "unknown": such a class is never taken for the
+        same as another (not even an equal one), so its images are compared perceptually."""
+        return all(
+            field and field != UNKNOWN for field in (self.model, self.device_kind, self.dtype)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +91,7 @@ def compare(
     max_pixels: int = MAX_PIXELS,
 ) -> Comparison:
     """Compare a worker's image with a re-run of the same record; see the module's doc."""
-    same_class = original_class == rerun_class
+    same_class = original_class == rerun_class and original_class.known
     metric = PIXEL_METRIC if same_class else PERCEPTUAL_METRIC
     threshold = float(pixel_max_tolerance) if same_class else ssim_threshold
     original, original_error = _read(original_png, max_pixels)

@@ -37,7 +37,7 @@ def decode_png(data: bytes, max_pixels: int = MAX_PIXELS) -> Pixels:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image.load()
-            rgb = image.convert("RGB")
+            rgb = _opaque(image)
     except UnreadableImage:
         raise
     except (
@@ -51,3 +51,12 @@ def decode_png(data: bytes, max_pixels: int = MAX_PIXELS) -> Pixels:
         # truncated"), SyntaxError (bad chunk), ValueError (bad mode, decompression).
         raise UnreadableImage(f"a corrupt or truncated PNG ({type(exc).__name__}: {exc})") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _opaque(image: Image.Image) -> Image.Image:
+    """RGB as a viewer sees it: transparency composited over black, so that an honest
+    picture hidden under a transparent alpha channel reads as the blank image it shows."""
+    if "A" not in image.mode and "transparency" not in image.info:
+        return image.convert("RGB")
+    background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
