@@ -24,9 +24,8 @@ from .helpers import collect, raw_client, wait_for_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = {"width": 32, "height": 32, "steps": 2}
-# The forgeries the tiny model shows: another prompt's image is not among them (its
-# random-weight text encoder barely moves the pixels; see docs/security.md).
-MODES = "blank,noise,other_seed,fewer_steps"
+# Every forgery the tampering engine makes (thresholds: docs/verification.md).
+MODES = "blank,noise,other_seed,fewer_steps,other_prompt"
 
 
 @asynccontextmanager
