@@ -87,9 +87,13 @@ class Stack:
             "IMAGEBUS_NATS_URL": self.nats_url,
             "IMAGEBUS_DATABASE_URL": self.database_url,
         }
-        self._add(ORCHESTRATOR, ["orchestrator"], env, s.ORCHESTRATOR_PING_SUBJECT)
         threads = max(1, (os.cpu_count() or 1) // max(o.workers, 1))
         base_id = default_worker_id(o.device)
+        # Its own workers are the pool's first verifiers: trusted from the start.
+        own = [f"{base_id}-{i}" for i in range(1, o.workers + 1)]
+        declared = [w for w in env.get("IMAGEBUS_TRUSTED_WORKERS", "").split(",") if w.strip()]
+        trusted = {**env, "IMAGEBUS_TRUSTED_WORKERS": ",".join([*declared, *own])}
+        self._add(ORCHESTRATOR, ["orchestrator"], trusted, s.ORCHESTRATOR_PING_SUBJECT)
         for i in range(1, o.workers + 1):
             # A restarted worker keeps its id: the same command line is run again.
             worker_id = f"{base_id}-{i}"

@@ -202,6 +202,20 @@ class OrchestratorSettings:
     breaker_failures: int = 3
     breaker_backoff_s: float = 10.0
     breaker_max_backoff_s: float = 300.0
+    # Verification and trust (orchestrator/verify.py, trust.py): a new worker id is on
+    # probation until verify_probation of its results matched a trusted worker's re-run
+    # (every one of its results is re-run meanwhile, and it holds at most
+    # probation_max_tasks tasks at once); a trusted worker's results are re-run at
+    # verify_sample, as long as re-runs cost at most verify_budget of the pool's time;
+    # verify_strikes confirmed forgeries blacklist a worker. trusted_workers: ids
+    # trusted from the start (the verifiers the pool starts with).
+    verify_probation: int = 10
+    verify_sample: float = 0.02
+    verify_budget: float = 0.05
+    verify_strikes: int = 1
+    verify_timeout_s: float = 120.0
+    probation_max_tasks: int = 1
+    trusted_workers: tuple[str, ...] = ()
 
     @classmethod
     def from_env(
@@ -237,6 +251,15 @@ class OrchestratorSettings:
             breaker_failures=e.integer("IMAGEBUS_BREAKER_FAILURES", 3, minimum=1),
             breaker_backoff_s=e.number("IMAGEBUS_BREAKER_BACKOFF", 10.0, minimum=0.0),
             breaker_max_backoff_s=e.number("IMAGEBUS_BREAKER_MAX_BACKOFF", 300.0, minimum=0.0),
+            verify_probation=e.integer("IMAGEBUS_VERIFY_PROBATION", 10, minimum=0),
+            verify_sample=e.number("IMAGEBUS_VERIFY_SAMPLE", 0.02, minimum=0.0),
+            verify_budget=e.number("IMAGEBUS_VERIFY_BUDGET", 0.05, minimum=0.0),
+            verify_strikes=e.integer("IMAGEBUS_VERIFY_STRIKES", 1, minimum=1),
+            verify_timeout_s=e.number("IMAGEBUS_VERIFY_TIMEOUT", 120.0, minimum=1.0),
+            probation_max_tasks=e.integer("IMAGEBUS_PROBATION_MAX_TASKS", 1, minimum=1),
+            trusted_workers=tuple(
+                w.strip() for w in e.text("IMAGEBUS_TRUSTED_WORKERS", "").split(",") if w.strip()
+            ),
         )
         return replace(read, **given)
 

@@ -19,6 +19,7 @@ def _violations(rules: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(rule, a value breaking it) for each rule of one property's schema."""
     kind = rules.get("type")
     wrong_type = {"integer": "12", "number": "x", "string": 42, "object": "x", "array": "x"}
+    wrong_type["boolean"] = "yes"
     if kind:
         yield "type", wrong_type[kind]
     if kind == "integer":
@@ -90,7 +91,9 @@ def test_the_schema_accepts_what_the_validator_accepts() -> None:
         "task_timeout": 1,
         "job_timeout": 2.5,
         "queue_timeout": 3,
+        "trusted_only": True,
     }
     assert set(full) <= set(SCHEMA["properties"])
     request = decode_request(msgpack.packb(full), Dialect.NATIVE, LIMITS)
     assert request.prompts == ["a", "b"] and request.requirements.device == "cpu"
+    assert request.trusted_only

@@ -61,6 +61,14 @@ def test_up_serves_generate_with_three_workers_and_stops_cleanly(tmp_path: Path)
                 assert (image.format, image.size) == ("PNG", (64, 64))
         # Four images, three single-slot workers: the work is shared by all three.
         assert len({r["worker_id"] for r in records}) == 3
+        # `imagebus up`'s own workers are trusted from the start (the pool's verifiers).
+        listed = subprocess.run(
+            [sys.executable, "-m", "imagebus", "workers", "--json",
+             "--nats-url", f"nats://127.0.0.1:{nats_port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        trust = {json.loads(line)["trust"] for line in listed.stdout.splitlines()}
+        assert trust == {"trusted"}, listed.stdout
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=60)

@@ -1,5 +1,5 @@
 """Commands that look at or manage a running imagebus: `workers`, `stats`, `job`,
-`schema`, `presets`, `blacklist`."""
+`schema`, `presets`, `blacklist`, `trust`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def register(commands: Commands) -> None:
     add_schema(commands)
     add_command(commands, "presets", cmd_presets, help="list the named request templates")
     add_blacklist(commands)
+    add_trust(commands)
 
 
 def add_workers(commands: Commands) -> None:
@@ -98,6 +99,18 @@ def add_blacklist(commands: Commands) -> None:
     bl.add_argument("--reason", default="", help="why (with add)")
 
 
+def add_trust(commands: Commands) -> None:
+    trust = add_command(
+        commands,
+        "trust",
+        cmd_trust,
+        help="trust a worker id as a verifier, or put it back on probation (over the bus)",
+    )
+    add_bus_options(trust)
+    trust.add_argument("action", choices=["add", "remove", "list"])
+    trust.add_argument("worker_id", nargs="?")
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with client_from(args) as client:
@@ -116,10 +129,14 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
                               "blacklisted": item.blacklisted,
                               "breaker": item.breaker,
                               "breaker_open_s": item.breaker_open_s,
-                              "breaker_failures": item.breaker_failures}))  # fmt: skip
+                              "breaker_failures": item.breaker_failures,
+                              "trust": item.trust,
+                              "verified": item.verified,
+                              "strikes": item.strikes}))  # fmt: skip
         return
     print(f"{'WORKER':32} {'MODELS':22} {'DEVICE':14} {'SLOTS':5} {'STATE':9} "
-          f"{'DONE':>5} {'FAILED':>6} {'S/IMAGE':>7} {'SEEN':>6}")  # fmt: skip
+          f"{'DONE':>5} {'FAILED':>6} {'S/IMAGE':>7} {'SEEN':>6} {'TRUST':9} {'VERIFIED':>8} "
+          f"{'STRIKES':>7}")  # fmt: skip
     for item in listing:
         a = item.advert
         device = a.device if not a.gpu_name else f"{a.device} {a.vram_gb:g}GB"
@@ -131,7 +148,8 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
         print(
             f"{a.worker_id:32} {','.join(a.models)[:22]:22} {device[:14]:14} "
             f"{a.free_slots}/{a.slots:<3} {state:9} {a.tasks_done:>5} {a.failures:>6} "
-            f"{a.seconds_per_image:>7.2f} {item.last_seen_s:>5.1f}s"
+            f"{a.seconds_per_image:>7.2f} {item.last_seen_s:>5.1f}s {item.trust or '-':9} "
+            f"{item.verified:>8} {item.strikes:>7}"
         )
     if not listing:
         print("(no worker has advertised itself to the orchestrator yet)")
@@ -255,4 +273,31 @@ def cmd_blacklist(args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except ImageBusError as exc:
         say("blacklist", str(exc))
+        return EXIT_USAGE if exc.code == "invalid_request" else EXIT_UNAVAILABLE
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    from ..requester import ImageBusError
+
+    if args.action != "list" and not args.worker_id:
+        print(f"imagebus trust {args.action}: a worker id is required", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> int:
+        async with client_from(args) as client:
+            answer = await client.trust(args.action, args.worker_id or "")
+        if args.action == "list":
+            for e in answer.entries:
+                declared = " (declared)" if e.declared else ""
+                print(f"{e.worker_id}\t{e.level}{declared}\tverified {e.verified}"
+                      f"\tstrikes {e.strikes}")  # fmt: skip
+        else:
+            done = "trusted" if args.action == "add" else "on probation"
+            print(f"{args.worker_id} {done}" + ("" if answer.changed else " (already)"))
+        return EXIT_OK
+
+    try:
+        return asyncio.run(run())
+    except ImageBusError as exc:
+        say("trust", str(exc))
         return EXIT_USAGE if exc.code == "invalid_request" else EXIT_UNAVAILABLE

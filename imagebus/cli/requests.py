@@ -64,6 +64,9 @@ def add_generate(commands: Commands) -> None:
     gen.add_argument(
         "--queue-timeout", type=float, default=None, help="seconds an image may wait for a worker"
     )
+    gen.add_argument(
+        "--trusted-only", action="store_true", help="only trusted workers (none on probation)"
+    )
     gen.add_argument("--out", type=Path, default=Path("generated"), help="default ./generated")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     task_timeout=args.task_timeout,
                     job_timeout=args.job_timeout,
                     queue_timeout=args.queue_timeout,
+                    trusted_only=args.trusted_only,
                 )
             except ImageBusError as exc:
                 say("generate", str(exc))

@@ -17,9 +17,13 @@ from .store import (
     fetch_job_status,
     load_migrations,
 )
+from .trust import BLACKLISTED, PROBATION, TRUSTED, Strike, TrustRow, TrustStore, Verdict
 
 __all__ = [
+    "BLACKLISTED",
+    "PROBATION",
     "TRANSIENT_ERRORS",
+    "TRUSTED",
     "AttemptRecord",
     "BlacklistCache",
     "BlacklistEntry",
@@ -27,7 +31,11 @@ __all__ = [
     "JobRecorder",
     "JobRow",
     "Record",
+    "Strike",
     "TaskUpdate",
+    "TrustRow",
+    "TrustStore",
+    "Verdict",
     "fetch_job_status",
     "load_migrations",
 ]

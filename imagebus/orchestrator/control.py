@@ -29,11 +29,13 @@ from ..protocol.control import (
     OrchestratorStats,
     SchemaAnswer,
     StatsQuery,
+    TrustCommand,
     WorkerList,
     error_answer,
     read_query,
 )
 from .registry import Registry
+from .trust import TrustBook
 from .watch import Watch
 
 
@@ -60,6 +62,7 @@ class ControlPlane:
         stats: Callable[[LoopLagSummary], OrchestratorStats],
         loop_lag: LoopLag,
         log: FilteringBoundLogger,
+        trust: TrustBook | None = None,
     ) -> None:
         self.nc = nc
         self.id = orchestrator_id
@@ -72,6 +75,7 @@ class ControlPlane:
         self._stats = stats
         self.loop_lag = loop_lag
         self._log = log
+        self.trust = trust
 
     async def subscribe(self) -> list[Subscription]:
         one = s.ORCHESTRATOR_QUEUE  # queries that one orchestrator answers
@@ -82,6 +86,7 @@ class ControlPlane:
             await self.nc.subscribe(s.JOB_STATUS_SUBJECT, queue=one, cb=self._on_job_status),
             await self.nc.subscribe(s.SCHEMA_SUBJECT, queue=one, cb=self._on_schema),
             await self.nc.subscribe(s.ADMIN_BLACKLIST_SUBJECT, queue=one, cb=self._on_blacklist),
+            await self.nc.subscribe(s.ADMIN_TRUST_SUBJECT, queue=one, cb=self._on_trust),
         ]
 
     # --- answering: one helper for answers, one for errors ----------------------------
@@ -117,6 +122,7 @@ class ControlPlane:
         listing = []
         for advert, age in self.registry.listing():
             breaker = self.registry.breaker.view(advert.worker_id)
+            trust = self.trust.row(advert.worker_id) if self.trust is not None else None
             listing.append(
                 WorkerListing(
                     advert,
@@ -125,6 +131,9 @@ class ControlPlane:
                     breaker.state.value,
                     round(breaker.open_for_s, 1),
                     breaker.failures,
+                    self.trust.level(advert.worker_id) if self.trust is not None else "",
+                    trust.verified if trust is not None else 0,
+                    trust.strikes if trust is not None else 0,
                 )
             )
         await self._answer(msg, WorkerList(listing))
@@ -175,6 +184,20 @@ class ControlPlane:
             await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
             return
         await self._answer(msg, BlacklistAnswer([_listed(e) for e in entries], changed))
+
+    async def _on_trust(self, msg: Msg) -> None:
+        try:
+            if self.trust is None:
+                raise ValueError("this orchestrator keeps no trust levels")
+            answer = await self.trust.command(read_query(TrustCommand, msg.data))
+        except (ProtocolError, ValueError) as exc:
+            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
+            return
+        except TRANSIENT_ERRORS as exc:
+            message = f"the database is unreachable: {exc}"
+            await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
+            return
+        await self._answer(msg, answer)
 
     async def _change_blacklist(self, command: BlacklistCommand) -> bool:
         """Apply an add or a remove; whether it changed the blacklist."""

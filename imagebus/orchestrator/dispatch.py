@@ -73,6 +73,7 @@ class Dispatcher:
         blacklisted: Callable[[], frozenset[str]],
         record: Callable[[Record], None],
         log: FilteringBoundLogger,
+        held_back: Callable[[bool], frozenset[str]] = lambda trusted_only: frozenset(),
     ) -> None:
         self.nc = nc
         self.settings = settings
@@ -82,6 +83,8 @@ class Dispatcher:
         self._blacklisted = blacklisted
         self._record = record
         self._log = log
+        # Workers on probation a task must not go to now (trust.py): (trusted_only) -> ids.
+        self._held_back = held_back
         self.watches = watches
         self.waiting: dict[tuple[str, int], str] = {}
         self.recruiter = Recruiter(
@@ -183,11 +186,13 @@ class Dispatcher:
         return TaskRun(job, index, call, queue_timeout, time.monotonic() + queue_timeout, log)
 
     def _avoid(self, task: TaskRun) -> frozenset[str]:
-        """The workers that failed the task already, if another live one fits it."""
+        """The workers that failed the task already, if another live one fits it, and
+        those on probation it must not go to now."""
+        held = self._held_back(task.job.request.trusted_only)
         tried = frozenset(task.tried)
-        if tried and self.registry.fits_somewhere(task.call, self._blacklisted() | tried):
-            return tried
-        return frozenset()
+        if tried and self.registry.fits_somewhere(task.call, self._blacklisted() | tried | held):
+            return tried | held
+        return held
 
     def _after_attempt(
         self, task: TaskRun, offer: WorkerOffer, outcome: AttemptOutcome

@@ -59,6 +59,7 @@ from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
 from .registry import Registry
+from .verify import Verifier, start_verification
 from .watch import Watch
 
 
@@ -72,6 +73,7 @@ class Orchestrator:
         self.blacklist: BlacklistCache | None = None
         self.dispatcher: Dispatcher | None = None
         self.intake: Intake | None = None
+        self.verifier: Verifier | None = None  # re-runs a sample of images; trust levels
         self.capacity = CapacitySignal(on_unclaimed=self._slot_unclaimed)
         breaker = Breaker(
             settings.breaker_failures, settings.breaker_backoff_s, settings.breaker_max_backoff_s
@@ -99,6 +101,9 @@ class Orchestrator:
         self.recorder = JobRecorder(self.db, max_backlog=self.settings.max_record_backlog)
         self.recorder.start()
         self.nc = nc = await connect(self.settings.bus, name=f"imagebus-orchestrator-{self.id}")
+        self.verifier = verifier = await start_verification(
+            nc, self.settings, self.db, self.registry, self.blacklist, self._log
+        )
         self.dispatcher = Dispatcher(
             nc,
             self.settings,
@@ -108,6 +113,7 @@ class Orchestrator:
             self._blacklist_ids,
             self._record,
             self._log,
+            held_back=lambda trusted_only: verifier.book.held_back(self._watches, trusted_only),
         )
         control = ControlPlane(
             nc,
@@ -121,6 +127,7 @@ class Orchestrator:
             stats=self._stats,
             loop_lag=self.loop_lag,
             log=self._log,
+            trust=verifier.book,
         )
         cancels = Cancels(
             nc,
@@ -204,6 +211,8 @@ class Orchestrator:
         """Stop taking requests, let running jobs finish for `grace_s`, hand back the rest."""
         if self.intake is not None:
             await self.intake.stop(grace_s)
+        if self.verifier is not None:
+            await self.verifier.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -243,6 +252,8 @@ class Orchestrator:
             )  # fmt: skip
             return
         watch.report.set_result(report)
+        if self.verifier is not None:  # maybe re-run it on a trusted worker, and compare
+            self.verifier.consider(self._running_jobs.get(report.job_id), report)
 
     async def _on_refusal(self, msg: Msg) -> None:
         """A worker refused an assignment, or the server says no one listens on the

@@ -12,6 +12,7 @@ error carries the `Imagebus-Error` header (its code) and a `ControlError` body:
     imagebus.orchestrators.job-status  JobStatusQuery      JobStatus            (one)
     imagebus.schema                    (empty)             SchemaAnswer         (one)
     imagebus.admin.blacklist           BlacklistCommand    BlacklistAnswer      (one)
+    imagebus.admin.trust               TrustCommand        TrustAnswer          (one)
 """
 
 from __future__ import annotations
@@ -120,6 +121,35 @@ class BlacklistAnswer:
 
 
 MAX_BLACKLIST_REASON = 1000
+
+
+class TrustAction(StrEnum):
+    LIST = "list"
+    ADD = "add"  # trusted from now on: a verifier, sampled at the low rate
+    REMOVE = "remove"  # back on probation, its verified count from zero
+
+
+@dataclass(frozen=True, slots=True)
+class TrustCommand:
+    action: str  # a TrustAction
+    worker_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedWorker:
+    worker_id: str
+    level: str  # "probation", "trusted" or "blacklisted"
+    verified: int = 0
+    strikes: int = 0
+    declared: bool = False  # trusted by the orchestrator's IMAGEBUS_TRUSTED_WORKERS
+
+
+@dataclass(frozen=True, slots=True)
+class TrustAnswer:
+    """Every worker id with a trust record, after the command."""
+
+    entries: list[TrustedWorker] = field(default_factory=list)
+    changed: bool = False
 
 
 def query_payload(query: object | None = None) -> bytes:

@@ -35,6 +35,7 @@ from .subjects import (
     EVENT_ACCEPTED,
     EVENT_ASSIGNED,
     EVENT_CHUNK,
+    EVENT_CORRECTION,
     EVENT_PROGRESS,
     EVENT_REJECTED,
     EVENT_RESULT,
@@ -184,3 +185,14 @@ def result_messages(
         event, png=None, chunks=len(chunks), size=len(png), sha256=hashlib.sha256(png).hexdigest()
     )
     return event, [*chunks, result(dialect, inbox, head, key)]
+
+
+def correction(
+    dialect: Dialect, inbox: str, event: TaskResult, key: EventKey | None = None
+) -> Outbound | None:
+    """The verified image that replaces one a worker forged: a TaskResult on
+    `<inbox>.correction`, MAC'd with the orchestrator's key when the job has a secret.
+    The prototype's protocol has no such event: None."""
+    if dialect is Dialect.LEGACY:
+        return None
+    return _native(inbox, EVENT_CORRECTION, event, key, event.job_id, event.index)

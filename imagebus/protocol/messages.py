@@ -122,6 +122,8 @@ class GenerateRequest:
     job_timeout_s: float | None = None
     queue_timeout_s: float | None = None
     preset: str | None = None
+    # Only from trusted workers: never from a worker on probation (issue 13).
+    trusted_only: bool = False
 
     def params_for(self, index: int) -> ImageParams:
         if self.prompts is None:
@@ -252,6 +254,9 @@ class WorkerAdvert:
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
     loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
     free_seq: int = 0  # see AssignmentRefused.free_seq
+    # The torch dtype its weights run in ("float32", "bfloat16"): part of its images'
+    # determinism class, with the model and the device (verification).
+    dtype: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +271,11 @@ class WorkerListing:
     breaker: str = "closed"
     breaker_open_s: float = 0.0
     breaker_failures: int = 0  # worker-fault failures in a row
+    # Reputation (verification): "probation", "trusted" or "blacklisted"; re-runs that
+    # matched its images; confirmed forgeries.
+    trust: str = ""
+    verified: int = 0
+    strikes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

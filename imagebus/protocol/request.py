@@ -40,6 +40,7 @@ def encode_request(
     task_timeout: float | None = None,
     job_timeout: float | None = None,
     queue_timeout: float | None = None,
+    trusted_only: bool = False,
 ) -> bytes:
     """The msgpack payload of a native request; RequestError if it cannot be encoded."""
     requirements = {"device": device, "min_vram_gb": min_vram_gb}
@@ -57,6 +58,7 @@ def encode_request(
         "task_timeout": task_timeout,
         "job_timeout": job_timeout,
         "queue_timeout": queue_timeout,
+        "trusted_only": trusted_only or None,  # left out unless asked: older orchestrators
     }
     body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
     try:

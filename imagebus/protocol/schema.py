@@ -102,5 +102,9 @@ def request_schema(limits: Limits) -> dict[str, Any]:
             "queue_timeout": timeout(
                 limits.max_queue_timeout_s, "seconds an image may wait for a free worker"
             ),
+            "trusted_only": {
+                "type": "boolean",
+                "description": "only trusted workers make the images (none on probation)",
+            },
         },
     }

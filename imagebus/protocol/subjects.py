@@ -48,6 +48,8 @@ ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
 # An admin's JobCancel (any job, no proof needed); every orchestrator listens (no queue
 # group), and the one serving the job stops it (docs/event-authentication.md).
 ADMIN_CANCEL_SUBJECT = "imagebus.admin.cancel"
+# Trust levels by hand (`imagebus trust`): trusted from now on, or back on probation.
+ADMIN_TRUST_SUBJECT = "imagebus.admin.trust"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"
@@ -87,6 +89,8 @@ EVENT_ASSIGNED = "assigned"
 EVENT_PROGRESS = "progress"
 EVENT_RESULT = "result"
 EVENT_CHUNK = "chunk"
+# A result that replaces one a worker forged (verification): a TaskResult.
+EVENT_CORRECTION = "correction"
 
 # Requesters may only name inboxes: anything else would let a client make the
 # orchestrator or a worker publish on a control subject.

@@ -57,6 +57,7 @@ _ALIASES = {
 _KNOWN = {
     "prompt", "negative_prompt", "width", "height", "steps", "guidance", "n", "seed", "model",
     "preset", "requirements", "task_timeout", "job_timeout", "queue_timeout",
+    "trusted_only",
 }  # fmt: skip
 DEVICES = ("cpu", "cuda")
 MAX_VRAM_GB = 4096.0
@@ -148,7 +149,14 @@ def validate_request(data: Mapping[Any, Any], limits: Limits) -> GenerateRequest
         job_timeout_s=_timeout("job_timeout", fields, limits.max_job_timeout_s),
         queue_timeout_s=_timeout("queue_timeout", fields, limits.max_queue_timeout_s),
         preset=preset,
+        trusted_only=_flag("trusted_only", fields.get("trusted_only", False)),
     )
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false", field=name)
+    return value
 
 
 def _prompts(value: Any, limits: Limits) -> list[str]:

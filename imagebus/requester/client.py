@@ -114,6 +114,7 @@ class ImageBusClient:
         task_timeout: float | None = None,
         job_timeout: float | None = None,
         queue_timeout: float | None = None,
+        trusted_only: bool = False,
         on_progress: ProgressCallback | None = None,
         on_assigned: AssignedCallback | None = None,
     ) -> Job:
@@ -131,7 +132,7 @@ class ImageBusClient:
                 prompt, n=n, width=width, height=height, steps=steps, guidance=guidance,
                 seed=seed, negative_prompt=negative_prompt, model=model, preset=preset,
                 device=device, min_vram_gb=min_vram_gb, task_timeout=task_timeout,
-                job_timeout=job_timeout, queue_timeout=queue_timeout,
+                job_timeout=job_timeout, queue_timeout=queue_timeout, trusted_only=trusted_only,
             )  # fmt: skip
         except RequestError as exc:
             raise ImageBusError(str(exc), "invalid_request") from None
@@ -370,6 +371,14 @@ class ImageBusClient:
 
     async def _ask_blacklist(self, command: control.BlacklistCommand) -> control.BlacklistAnswer:
         return await self._ask(s.ADMIN_BLACKLIST_SUBJECT, control.BlacklistAnswer, command)
+
+    async def trust(
+        self, action: str = control.TrustAction.LIST, worker_id: str = ""
+    ) -> control.TrustAnswer:
+        """Trust levels by hand: "add" (trusted: a verifier), "remove" (back on
+        probation) or "list"; the answer lists every worker id with a trust record."""
+        command = control.TrustCommand(action, worker_id)
+        return await self._ask(s.ADMIN_TRUST_SUBJECT, control.TrustAnswer, command)
 
     async def generate(
         self, prompt: str, *, timeout: float | None = 600.0, **options: object

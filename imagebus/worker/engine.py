@@ -96,6 +96,8 @@ class DiffusionEngine:
         self.model = model
         self.device = device
         self.gpu_name, self.vram_gb = _gpu(device)
+        # Part of its images' determinism class (verification compares within a class).
+        self.dtype = str(getattr(pipeline, "dtype", "") or "").removeprefix("torch.")
         self._accepts = set(inspect.signature(pipeline.__call__).parameters)
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(runners, 1)):
@@ -206,6 +208,7 @@ class NoopEngine:
     device = "cpu"
     gpu_name: str | None = None
     vram_gb: float | None = None
+    dtype = ""
     encoder: Executor | None = None  # its "encoding" is instant: done inline
 
     def __init__(self, seconds: float = 0.0) -> None:

@@ -236,6 +236,7 @@ class Worker:
             mean_batch=status.mean_batch,
             loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
             free_seq=self._slots.next_free_seq(),
+            dtype=self.default_engine.dtype if self.engines else "",
         )
 
     async def _advertise(self) -> None:
