@@ -92,6 +92,7 @@ async def _connect(
         bus.nats_url,
         name=name,
         user_credentials=bus.creds_file,
+        nkeys_seed=bus.nkey_file,
         inbox_prefix=bus.inbox_prefix,
         # Keep trying for ever: a restarted server must not take the fleet down.
         max_reconnect_attempts=-1,

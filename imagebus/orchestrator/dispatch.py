@@ -312,8 +312,8 @@ class Dispatcher:
             reply_inbox=job.inbox,
             dialect=job.dialect.value,
             reservation_id=offer.reservation_id or "",
-            report_subject=s.report_subject(self.id),
-            heartbeat_subject=s.heartbeat_subject(self.id),
+            report_subject=s.report_subject(self.id, offer.worker_id),
+            heartbeat_subject=s.heartbeat_subject(self.id, offer.worker_id),
         )
         await self.nc.publish(
             s.worker_assign_subject(offer.worker_id),

@@ -186,6 +186,9 @@ class AssignmentRefused:
     # Orders the worker's reports of its free slots (refusals, notices, adverts): they
     # travel on different subjects and may be handled out of order.
     free_seq: int = 0
+    # The worker process that numbered free_seq: the orchestrator orders the reports of
+    # one instance only (a restart, or a forged report, begins a new numbering).
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +250,7 @@ class WorkerAdvert:
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
     loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
     free_seq: int = 0  # see AssignmentRefused.free_seq
+    instance: str = ""  # see AssignmentRefused.instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +314,7 @@ class CapacityNotice:
     worker_id: str
     free_slots: int
     free_seq: int = 0  # see AssignmentRefused.free_seq
+    instance: str = ""  # see AssignmentRefused.instance
 
 
 # --- events for native requesters ------------------------------------------------
