@@ -137,9 +137,7 @@ class BusSettings:
 def _check_nkey_file(bus: BusSettings) -> None:
     """A seed file that cannot be used fails here, with its reason, not at connect."""
     if bus.creds_file is not None:
-        raise ConfigError(
-            "IMAGEBUS_NATS_NKEY", "give an nkey seed file or a .creds file, not both"
-        )
+        raise ConfigError("IMAGEBUS_NATS_NKEY", "give an nkey seed file or a .creds file, not both")
     try:
         nkeyfiles.read_public_key(bus.nkey_file or "")
     except nkeyfiles.KeyFileError as exc:
