@@ -66,3 +66,10 @@ def test_a_huge_sequence_number_holds_only_until_the_workers_next_report() -> No
     assert registry.free("w") == 2
     registry.note_free("w", 50, seq=12, instance="a")  # never more than its slots
     assert registry.free("w") == 2
+
+
+def test_the_listing_keeps_instance_ids_from_requesters() -> None:
+    registry = Registry()
+    registry.update(GOOD)
+    ((advert, _),) = registry.listing()
+    assert advert.instance == "" and advert.worker_id == "w"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 from ..protocol import OfferReason, RecruitCall, WorkerAdvert
 from ..protocol.routing import describe_unfit, unfit_reason
@@ -119,9 +120,11 @@ class Registry:
         return [a for a, seen in self._workers.values() if now - seen <= LIVE_FOR_S]
 
     def listing(self) -> list[tuple[WorkerAdvert, float]]:
+        """Every worker heard of, with seconds since; without their instance ids, which
+        order their reports (see note_free) and are not for requesters to see."""
         now = time.monotonic()
         return sorted(
-            ((advert, now - seen) for advert, seen in self._workers.values()),
+            ((replace(advert, instance=""), now - seen) for advert, seen in self._workers.values()),
             key=lambda item: item[0].worker_id,
         )
 
