@@ -49,6 +49,7 @@ async def connect(
 ) -> Client:
     """Connect, trying for up to `wait_s`; once connected, reconnect for ever. `events`,
     if given, records the permission errors and reconnects of the connection."""
+    bus.check_nkey_file()  # a bad seed file is a ConfigError, not "cannot reach NATS"
     log = get_logger(connection=name)
     client = Client()
     try:

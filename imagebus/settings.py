@@ -129,19 +129,22 @@ class BusSettings:
             nkey_file=e.optional("IMAGEBUS_NATS_NKEY"),
         )
         settings = replace(read, **given)
-        if settings.nkey_file is not None:
-            _check_nkey_file(settings)
+        settings.check_nkey_file()
         return settings
 
-
-def _check_nkey_file(bus: BusSettings) -> None:
-    """A seed file that cannot be used fails here, with its reason, not at connect."""
-    if bus.creds_file is not None:
-        raise ConfigError("IMAGEBUS_NATS_NKEY", "give an nkey seed file or a .creds file, not both")
-    try:
-        nkeyfiles.read_public_key(bus.nkey_file or "")
-    except nkeyfiles.KeyFileError as exc:
-        raise ConfigError("IMAGEBUS_NATS_NKEY", str(exc)) from None
+    def check_nkey_file(self) -> None:
+        """A seed file that cannot be used fails here, with its reason (ConfigError),
+        rather than as an unreachable server when connecting."""
+        if self.nkey_file is None:
+            return
+        if self.creds_file is not None:
+            raise ConfigError(
+                "IMAGEBUS_NATS_NKEY", "give an nkey seed file or a .creds file, not both"
+            )
+        try:
+            nkeyfiles.read_public_key(self.nkey_file)
+        except nkeyfiles.KeyFileError as exc:
+            raise ConfigError("IMAGEBUS_NATS_NKEY", str(exc)) from None
 
 
 def limits_from_env(env: Environment | Mapping[str, str] | None = None, **overrides: Any) -> Limits:

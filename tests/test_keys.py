@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from imagebus.connections import connect
 from imagebus.embedded import NatsServer, free_port
 from imagebus.orchestrator import Orchestrator
 from imagebus.protocol import nkeyfiles, permissions
@@ -111,6 +112,9 @@ async def test_a_bad_seed_file_is_a_clear_usage_error(tmp_path: Path) -> None:
     # The variable is read, and checked, the same way.
     with pytest.raises(ConfigError, match="not an nkey seed"):
         BusSettings.from_env({"IMAGEBUS_NATS_NKEY": str(junk)})
+    # Settings made in Python are checked when they connect, before any server is asked.
+    with pytest.raises(ConfigError, match="not an nkey seed"):
+        await connect(BusSettings(nkey_file=str(junk)), "test", wait_s=1)
 
 
 async def test_nkey_users_run_a_job_end_to_end(
