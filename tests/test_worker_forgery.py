@@ -117,7 +117,16 @@ async def test_forged_adverts_under_a_workers_own_id_do_not_freeze_the_pool(
             notice = CapacityNotice("gpu-1", 0, 2**62 + 2)
             await forger.publish(s.capacity_subject("gpu-1"), encode(notice))
             await forger.flush()
-            await asyncio.sleep(0.5)
+            # The pool view is the real gpu-1's again at its next report (an advert every
+            # 2 s); believed, the forged sequence number outranked every later one.
+            assert await eventually(lambda: orchestrator.registry.free("gpu-1") == 0, 5)
+            began = time.monotonic()  # the forgeries have landed: gpu-1 looks busy
+            restored = await eventually(lambda: orchestrator.registry.free("gpu-1") == 1, 10)
+            print(
+                f"forged adverts: gpu-1's free slot seen again "
+                f"{time.monotonic() - began:.1f} s after"
+            )
+            assert restored, "a forged sequence number froze gpu-1's free slots at 0"
             after = await _latencies(client, 20)
     finally:
         await forger.close()
