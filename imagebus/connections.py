@@ -49,6 +49,7 @@ async def connect(
 ) -> Client:
     """Connect, trying for up to `wait_s`; once connected, reconnect for ever. `events`,
     if given, records the permission errors and reconnects of the connection."""
+    bus.check_nkey_file()  # a bad seed file is a ConfigError, not "cannot reach NATS"
     log = get_logger(connection=name)
     client = Client()
     try:
@@ -92,6 +93,7 @@ async def _connect(
         bus.nats_url,
         name=name,
         user_credentials=bus.creds_file,
+        nkeys_seed=bus.nkey_file,
         inbox_prefix=bus.inbox_prefix,
         # Keep trying for ever: a restarted server must not take the fleet down.
         max_reconnect_attempts=-1,

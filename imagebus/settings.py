@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from .protocol import Limits
+from .protocol import Limits, nkeyfiles
 from .protocol import subjects as s
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -97,12 +97,14 @@ def _check_fields(cls: type, overrides: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class BusSettings:
-    """How to reach NATS. Credentials may be in the URL or a .creds file; with per-user
-    permissions, `inbox_prefix` is where the server lets this user receive replies."""
+    """How to reach NATS. Credentials may be in the URL, a .creds file (JWT) or an nkey
+    seed file (`imagebus keys new`); with per-user permissions, `inbox_prefix` is where
+    the server lets this user receive replies."""
 
     nats_url: str = DEFAULT_NATS_URL
     creds_file: str | None = None
     inbox_prefix: str = s.DEFAULT_INBOX_PREFIX
+    nkey_file: str | None = None
 
     def __post_init__(self) -> None:
         if not s.is_valid_inbox_prefix(self.inbox_prefix):
@@ -124,8 +126,25 @@ class BusSettings:
             nats_url=e.text("IMAGEBUS_NATS_URL", DEFAULT_NATS_URL),
             creds_file=e.optional("IMAGEBUS_NATS_CREDS"),
             inbox_prefix=prefix,
+            nkey_file=e.optional("IMAGEBUS_NATS_NKEY"),
         )
-        return replace(read, **given)
+        settings = replace(read, **given)
+        settings.check_nkey_file()
+        return settings
+
+    def check_nkey_file(self) -> None:
+        """A seed file that cannot be used fails here, with its reason (ConfigError),
+        rather than as an unreachable server when connecting."""
+        if self.nkey_file is None:
+            return
+        if self.creds_file is not None:
+            raise ConfigError(
+                "IMAGEBUS_NATS_NKEY", "give an nkey seed file or a .creds file, not both"
+            )
+        try:
+            nkeyfiles.read_public_key(self.nkey_file)
+        except nkeyfiles.KeyFileError as exc:
+            raise ConfigError("IMAGEBUS_NATS_NKEY", str(exc)) from None
 
 
 def limits_from_env(env: Environment | Mapping[str, str] | None = None, **overrides: Any) -> Limits:

@@ -155,7 +155,7 @@ async def test_an_assignment_not_taken_goes_to_another_worker_at_once(
             await nc.subscribe(s.worker_assign_subject("fake-worker"), cb=on_assign)
         asked = await nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=on_recruit)
         advert = WorkerAdvert("fake-worker", ["tiny"], "cpu", 1, 1, 2048 * 2048, "idle")
-        await nc.publish(s.WORKER_ADVERT_SUBJECT, encode(advert))
+        await nc.publish(s.worker_advert_subject("fake-worker"), encode(advert))
         # The only worker the orchestrator knows, with a free slot: assigned directly.
         assert await eventually(lambda: orchestrator.registry.free("fake-worker") == 1)
         async with ImageBusClient(stack.nats_url) as client:

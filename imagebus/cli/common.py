@@ -24,6 +24,7 @@ Handler = Callable[[argparse.Namespace], int]
 FLAG_OF_VARIABLE = {
     "IMAGEBUS_NATS_URL": "--nats-url",
     "IMAGEBUS_NATS_CREDS": "--nats-creds",
+    "IMAGEBUS_NATS_NKEY": "--nats-nkey",
     "IMAGEBUS_NATS_INBOX_PREFIX": "--inbox-prefix",
     "IMAGEBUS_DATABASE_URL": "--database-url",
     "IMAGEBUS_MAX_ATTEMPTS": "--max-attempts",
@@ -61,6 +62,12 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nats-creds", default=None, help="NATS .creds file (env IMAGEBUS_NATS_CREDS)"
+    )
+    parser.add_argument(
+        "--nats-nkey",
+        default=None,
+        metavar="SEED_FILE",
+        help="NATS nkey seed file, from `imagebus keys new` (env IMAGEBUS_NATS_NKEY)",
     )
     parser.add_argument(
         "--inbox-prefix",
@@ -107,7 +114,10 @@ def positive_int(value: str) -> int:
 def bus_from(args: argparse.Namespace) -> BusSettings:
     """The environment's bus settings, with the flags given over them."""
     return BusSettings.from_env(
-        nats_url=args.nats_url, creds_file=args.nats_creds, inbox_prefix=args.inbox_prefix
+        nats_url=args.nats_url,
+        creds_file=args.nats_creds,
+        inbox_prefix=args.inbox_prefix,
+        nkey_file=args.nats_nkey,
     )
 
 

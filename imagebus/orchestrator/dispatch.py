@@ -320,8 +320,8 @@ class Dispatcher:
             reply_inbox=job.inbox,
             dialect=job.dialect.value,
             reservation_id=offer.reservation_id or "",
-            report_subject=s.report_subject(self.id),
-            heartbeat_subject=s.heartbeat_subject(self.id),
+            report_subject=s.report_subject(self.id, offer.worker_id),
+            heartbeat_subject=s.heartbeat_subject(self.id, offer.worker_id),
             attempt=attempt,
             event_key=job.assignment_key(index, attempt),
         )

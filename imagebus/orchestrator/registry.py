@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 from ..protocol import OfferReason, RecruitCall, WorkerAdvert
 from ..protocol.routing import describe_unfit, unfit_reason
@@ -34,7 +35,8 @@ class Registry:
         self.warm_after_s = warm_after_s
         self._workers: dict[str, tuple[WorkerAdvert, float]] = {}
         self._free: dict[str, int] = {}  # worker id -> free slots, only those with some
-        self._free_seq: dict[str, int] = {}  # worker id -> newest report of them seen
+        # worker id -> (its process's instance, newest free_seq of that instance seen)
+        self._free_seq: dict[str, tuple[str, int]] = {}
         self._started = time.monotonic()
 
     def update(self, advert: WorkerAdvert) -> None:
@@ -46,17 +48,27 @@ class Registry:
             # A new process under the same id (a restart): its reports number from 0.
             self._free_seq.pop(advert.worker_id, None)
         self._workers[advert.worker_id] = (advert, time.monotonic())
-        self.note_free(advert.worker_id, advert.free_slots, advert.free_seq)
+        self.note_free(advert.worker_id, advert.free_slots, advert.free_seq, advert.instance)
 
-    def note_free(self, worker_id: str, free_slots: int, seq: int | None = None) -> None:
+    def note_free(
+        self, worker_id: str, free_slots: int, seq: int | None = None, instance: str = ""
+    ) -> None:
         """Record a worker's free slots. `seq` numbers the worker's own reports (refusals,
         notices and adverts reach here by different paths, so out of order): an older
         one than already seen is ignored. Without it, this is the orchestrator's own
-        bookkeeping (a slot it took, a refusal)."""
+        bookkeeping (a slot it took, a refusal).
+
+        Reports are ordered within one `instance` (worker process) only: a report of
+        another instance starts a new order. So a restart is seen at once, and a report
+        forged with a huge `seq` holds only until the worker's next real one."""
         if seq is not None:
-            if seq <= self._free_seq.get(worker_id, -1):
+            known_instance, known_seq = self._free_seq.get(worker_id, ("", -1))
+            if instance == known_instance and seq <= known_seq:
                 return
-            self._free_seq[worker_id] = seq
+            self._free_seq[worker_id] = (instance, seq)
+        known = self._workers.get(worker_id)
+        if known is not None:  # never more free than it has
+            free_slots = min(free_slots, known[0].slots)
         if free_slots > 0:
             self._free[worker_id] = free_slots
         else:
@@ -108,9 +120,11 @@ class Registry:
         return [a for a, seen in self._workers.values() if now - seen <= LIVE_FOR_S]
 
     def listing(self) -> list[tuple[WorkerAdvert, float]]:
+        """Every worker heard of, with seconds since; without their instance ids, which
+        order their reports (see note_free) and are not for requesters to see."""
         now = time.monotonic()
         return sorted(
-            ((advert, now - seen) for advert, seen in self._workers.values()),
+            ((replace(advert, instance=""), now - seen) for advert, seen in self._workers.values()),
             key=lambda item: item[0].worker_id,
         )
 

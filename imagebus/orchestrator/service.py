@@ -59,6 +59,7 @@ from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
 from .registry import Registry
+from .senders import advert_problem, assigned_to_sender, from_sender, notice_problem
 from .verify import Verifier, start_verification
 from .watch import Watch
 
@@ -141,10 +142,10 @@ class Orchestrator:
             await nc.subscribe(s.report_subject(self.id), cb=self._on_report),
             await nc.subscribe(s.heartbeat_subject(self.id), cb=self._on_heartbeat),
             await nc.subscribe(s.refusals_subscription(self.id), cb=self._on_refusal),
-            await nc.subscribe(s.CAPACITY_SUBJECT, cb=self._on_capacity),
+            await nc.subscribe(s.capacity_subject(), cb=self._on_capacity),
             await nc.subscribe(s.CANCEL_SUBJECT, cb=cancels.on_cancel),
             await nc.subscribe(s.ADMIN_CANCEL_SUBJECT, cb=cancels.on_admin_cancel),
-            await nc.subscribe(s.WORKER_ADVERT_SUBJECT, cb=self._on_advert),
+            await nc.subscribe(s.worker_advert_subject(), cb=self._on_advert),
             *await control.subscribe(),
         ]
         await self._ensure_results_stream()
@@ -233,6 +234,9 @@ class Orchestrator:
         except ProtocolError as exc:
             self._log.warning("malformed task report dropped", error=str(exc))
             return
+        if not from_sender(msg, report.worker_id):  # a worker reporting as another
+            self._log.warning("report dropped: sent as another worker", subject=msg.subject)
+            return
         watch = self._watches.get((report.job_id, report.index))
         if watch is None or watch.worker_id != report.worker_id or watch.report.done():
             # A worker that was given up on finished after all: its result is a
@@ -272,7 +276,9 @@ class Orchestrator:
                 refusal = AssignmentRefused(watch.worker_id, f"malformed refusal: {exc}", 0)
                 self.registry.note_free(watch.worker_id, 0)
             else:
-                self.registry.note_free(watch.worker_id, refusal.free_slots, refusal.free_seq)
+                self.registry.note_free(
+                    watch.worker_id, refusal.free_slots, refusal.free_seq, refusal.instance
+                )
                 self._hand_over_free_slots(watch.worker_id)
         watch.report.set_result(refusal)
 
@@ -282,13 +288,16 @@ class Orchestrator:
         except ProtocolError:
             return
         watch = self._watches.get((beat.job_id, beat.index))
-        if watch is not None and watch.worker_id == beat.worker_id:
+        if watch is not None and assigned_to_sender(msg, watch.worker_id, beat.worker_id):
             watch.beat(beat, time.monotonic())  # dispatch's watch tells a stall from it
 
     async def _on_advert(self, msg: Msg) -> None:
         try:
             advert = decode(WorkerAdvert, msg.data)
         except ProtocolError:
+            return
+        if problem := advert_problem(msg, advert):
+            self._log.warning("advert dropped", problem=problem, subject=msg.subject)
             return
         self.registry.update(advert)
         self._hand_over_free_slots(advert.worker_id)  # a new worker, say
@@ -298,7 +307,11 @@ class Orchestrator:
             notice = decode(CapacityNotice, msg.data)
         except ProtocolError:
             return
-        self.registry.note_free(notice.worker_id, notice.free_slots, notice.free_seq)
+        if notice_problem(msg, notice):
+            return  # a worker speaking for another, or nonsense: not believed
+        self.registry.note_free(
+            notice.worker_id, notice.free_slots, notice.free_seq, notice.instance
+        )
         self._hand_over_free_slots(notice.worker_id)
 
     def _slot_unclaimed(self, worker_id: str) -> None:

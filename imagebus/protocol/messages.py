@@ -193,6 +193,9 @@ class AssignmentRefused:
     # Orders the worker's reports of its free slots (refusals, notices, adverts): they
     # travel on different subjects and may be handled out of order.
     free_seq: int = 0
+    # The worker process that numbered free_seq: the orchestrator orders the reports of
+    # one instance only (a restart, or a forged report, begins a new numbering).
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,7 @@ class WorkerAdvert:
     # The torch dtype its weights run in ("float32", "bfloat16"): part of its images'
     # determinism class, with the model and the device (verification).
     dtype: str = ""
+    instance: str = ""  # see AssignmentRefused.instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +332,7 @@ class CapacityNotice:
     worker_id: str
     free_slots: int
     free_seq: int = 0  # see AssignmentRefused.free_seq
+    instance: str = ""  # see AssignmentRefused.instance
 
 
 # --- events for native requesters ------------------------------------------------

@@ -35,7 +35,9 @@ HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream de-duplicates requests by this header
 ORCHESTRATOR_PING_SUBJECT = "imagebus.orchestrators.ping"
 # Every orchestrator answers here (no queue group) with its figures.
 ORCHESTRATOR_STATS_SUBJECT = "imagebus.orchestrators.stats"
-# Workers advertise themselves here every few seconds (the worker registry).
+# Workers advertise themselves every few seconds (the worker registry) on this prefix
+# followed by their id (worker_advert_subject), so the server's permissions bind an
+# advert to its sender.
 WORKER_ADVERT_SUBJECT = "imagebus.workers.advert"
 # Requests answered by one orchestrator (queue group): the registry, a job's status,
 # the request schema.
@@ -50,6 +52,9 @@ ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
 ADMIN_CANCEL_SUBJECT = "imagebus.admin.cancel"
 # Trust levels by hand (`imagebus trust`): trusted from now on, or back on probation.
 ADMIN_TRUST_SUBJECT = "imagebus.admin.trust"
+# Every administration subject, and every one orchestrators answer, is under these.
+ADMIN_PREFIX = "imagebus.admin"
+ORCHESTRATORS_PREFIX = "imagebus.orchestrators"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"
@@ -57,7 +62,8 @@ RESULTS_SUBJECTS = "imagebus.results.>"
 # Requesters publish JobCancel here, with their job's proof; orchestrators listen, and
 # tell the workers on the job on each worker's own subject (worker_cancel_subject).
 CANCEL_SUBJECT = "imagebus.cancel"
-# Workers announce here whenever a slot frees, so saturated recruitments wake up.
+# Workers announce whenever a slot frees, so saturated recruitments wake up: on this
+# prefix followed by their id (capacity_subject).
 CAPACITY_SUBJECT = "imagebus.capacity"
 
 # The server's own answer on a reply subject when no one listens on the request's.
@@ -122,6 +128,11 @@ def is_valid_job_id(job_id: str) -> bool:
     return _WORKER_ID_RE.match(job_id) is not None
 
 
+def worker_prefix(worker_id: str) -> str:
+    """Every subject a worker receives its own messages on is under this."""
+    return f"imagebus.worker.{worker_id}"
+
+
 def worker_assign_subject(worker_id: str) -> str:
     return f"imagebus.worker.{worker_id}.assign"
 
@@ -140,17 +151,39 @@ def worker_ping_subject(worker_id: str) -> str:
     return f"imagebus.worker.{worker_id}.ping"
 
 
-def report_subject(orchestrator_id: str) -> str:
-    return f"imagebus.orchestrator.{orchestrator_id}.report"
+# Every message a worker sends of its own ends in its id (adverts, capacity notices,
+# heartbeats, reports), so a server's permissions can bind each to its sender
+# (protocol/permissions.py) and the orchestrator can tell who sent it (sender_of).
+# Given "*" (the default), each function below gives the receiver's subscription.
 
 
-def heartbeat_subject(orchestrator_id: str) -> str:
-    return f"imagebus.orchestrator.{orchestrator_id}.heartbeat"
+def worker_advert_subject(worker_id: str = "*") -> str:
+    return f"{WORKER_ADVERT_SUBJECT}.{worker_id}"
+
+
+def capacity_subject(worker_id: str = "*") -> str:
+    return f"{CAPACITY_SUBJECT}.{worker_id}"
+
+
+def report_subject(orchestrator_id: str, worker_id: str = "*") -> str:
+    return f"imagebus.orchestrator.{orchestrator_id}.report.{worker_id}"
+
+
+def heartbeat_subject(orchestrator_id: str, worker_id: str = "*") -> str:
+    return f"imagebus.orchestrator.{orchestrator_id}.heartbeat.{worker_id}"
+
+
+def sender_of(subject: str) -> str | None:
+    """The worker id a worker's subject ends in (see above); None if it names none."""
+    worker_id = subject.rpartition(".")[2]
+    return worker_id if is_valid_worker_id(worker_id) else None
 
 
 def refusal_subject(orchestrator_id: str, job_id: str, index: int, attempt: int) -> str:
     """Where a worker refuses one assignment (its reply subject). The server answers
-    there too, with status 503, if no worker listens on the assignment's subject."""
+    there too, with status 503, if no worker listens on the assignment's subject.
+    No worker may publish here but as the answer to an assignment it received
+    (`allow_responses` in protocol/permissions.py), so it names no worker id."""
     return f"imagebus.orchestrator.{orchestrator_id}.refused.{job_id}.{index}.{attempt}"
 
 

@@ -56,14 +56,16 @@ class ImageBusClient:
         *,
         creds_file: str | None = None,
         inbox_prefix: str | None = None,
+        nkey_file: str | None = None,
         connect_wait_s: float = 5.0,
         bus: BusSettings | None = None,
         submit_timeout_s: float = DEFAULT_SUBMIT_TIMEOUT_S,
     ) -> None:
         """Connect to `bus` if given (the CLI builds it); else the arguments given win
-        over IMAGEBUS_NATS_URL, IMAGEBUS_NATS_CREDS and IMAGEBUS_NATS_INBOX_PREFIX.
+        over IMAGEBUS_NATS_URL, IMAGEBUS_NATS_CREDS, IMAGEBUS_NATS_INBOX_PREFIX and
+        IMAGEBUS_NATS_NKEY (an nkey seed file).
         `submit` keeps trying to store a request for up to `submit_timeout_s`."""
-        if bus is not None and (nats_url or creds_file or inbox_prefix):
+        if bus is not None and (nats_url or creds_file or inbox_prefix or nkey_file):
             raise TypeError("pass either `bus` or nats_url/creds_file/inbox_prefix, not both")
         if not 0 < submit_timeout_s < REQUEST_DEDUP_WINDOW_S:
             # Past the stream's dedup window a re-sent copy would be stored twice.
@@ -71,7 +73,7 @@ class ImageBusClient:
         self.submit_timeout_s = submit_timeout_s
         self.events = ConnectionEvents()
         self.bus = bus or BusSettings.from_env(
-            nats_url=nats_url, creds_file=creds_file, inbox_prefix=inbox_prefix
+            nats_url=nats_url, creds_file=creds_file, inbox_prefix=inbox_prefix, nkey_file=nkey_file
         )
         self.connect_wait_s = connect_wait_s
         self.nc: Client | None = None

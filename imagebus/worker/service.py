@@ -237,19 +237,20 @@ class Worker:
             loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
             free_seq=self._slots.next_free_seq(),
             dtype=self.default_engine.dtype if self.engines else "",
+            instance=self._slots.instance,
         )
 
     async def _advertise(self) -> None:
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.publish(s.WORKER_ADVERT_SUBJECT, encode(self.advert()))
+                await self.nc.publish(s.worker_advert_subject(self.id), encode(self.advert()))
 
     async def _announce_capacity(self) -> None:
         self._slots.expire()
         free = self._slots.free
         if self.nc is not None and not self._draining and free > 0:
-            notice = CapacityNotice(self.id, free, self._slots.next_free_seq())
-            await self.nc.publish(s.CAPACITY_SUBJECT, encode(notice))
+            notice = CapacityNotice(self.id, free, *self._slots.next_free_stamp())
+            await self.nc.publish(s.capacity_subject(self.id), encode(notice))
 
     async def _send_heartbeats(self) -> None:
         """Every second: a heartbeat per running task; every few, an advertisement."""
@@ -396,7 +397,7 @@ class Worker:
     async def _refuse(self, msg: Msg, reason: str) -> None:
         self._slots.expire()
         free = max(self._slots.free, 0)
-        refusal = AssignmentRefused(self.id, reason, free, self._slots.next_free_seq())
+        refusal = AssignmentRefused(self.id, reason, free, *self._slots.next_free_stamp())
         await self._reply(msg, encode(refusal))
 
     # --- running one task ------------------------------------------------------------

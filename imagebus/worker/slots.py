@@ -29,6 +29,9 @@ class Slots:
         # Numbers each report of free slots (see AssignmentRefused). It starts from the wall
         # clock in microseconds, so a restarted worker's reports outrank its last life's.
         self._free_seq = time.time_ns() // 1000
+        # Names this process's numbering: the orchestrator orders the reports of one
+        # instance only, so a forged report with a huge number cannot outrank them all.
+        self.instance = uuid.uuid4().hex[:16]
 
     @property
     def free(self) -> int:
@@ -76,3 +79,7 @@ class Slots:
     def next_free_seq(self) -> int:
         self._free_seq += 1
         return self._free_seq
+
+    def next_free_stamp(self) -> tuple[int, str]:
+        """(free_seq, instance) for a report of free slots."""
+        return self.next_free_seq(), self.instance
