@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from .protocol import WorkerListing
 from .protocol.control import Histogram, PoolSnapshot
+from .settings import ConfigError
 
 SCRAPE_TIMEOUT_S = 5.0
 
@@ -210,7 +211,10 @@ class MetricsServer:
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(asyncio.get_running_loop(), take))
-        self._server, self._thread = start_http_server(port, addr, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr, registry=registry)
+        except OSError as exc:  # in use, say: a setting to change, not a crash
+            raise ConfigError("IMAGEBUS_METRICS_PORT", f"cannot serve on it ({exc})", port) from None
         self.port = self._server.server_port
 
     def stop(self) -> None:

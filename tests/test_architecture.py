@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "looplag": set(),
     # Prometheus metrics from the figures on the bus: for /metrics and --metrics-port.
-    "metrics": {"protocol"},
+    "metrics": {"protocol", "settings"},
     "settings": {"protocol"},
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
