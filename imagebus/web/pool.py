@@ -36,7 +36,7 @@ RECENT_JOBS = 30
 MAX_BLACKLIST_BODY = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class PoolState:
     """What the orchestrators answered at `taken` (monotonic); `errors` names the
     parts that could not be read (by part: "workers", "recent_jobs", "blacklist")."""
@@ -48,6 +48,7 @@ class PoolState:
     recent_jobs: list[JobSummary] | None
     blacklist: list[BlacklistedWorker] | None
     errors: dict[str, str] = field(default_factory=dict)
+    document: bytes | None = None  # GET /v1/pool's body, once rendered
 
 
 class PoolCache:
@@ -245,7 +246,11 @@ def _summed(counts: Any) -> dict[str, int]:
 async def get_pool(request: Request) -> Response:
     require_token(request)
     state = await pool_cache(request).get()
-    return JSONResponse(pool_document(state), headers={"Cache-Control": "no-store"})
+    if state.document is None:  # rendered once per refresh, however many dashboards
+        state.document = json.dumps(pool_document(state), separators=(",", ":")).encode()
+    return Response(
+        state.document, media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def add_to_blacklist(request: Request) -> Response:
