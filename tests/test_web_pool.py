@@ -4,6 +4,8 @@ for Prometheus, and the blacklist's admin routes, over real HTTP on a real stack
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 from typing import Any
 
 import httpx
@@ -163,6 +165,15 @@ async def test_the_blacklist_over_http_needs_the_admin_token(stack: Stack) -> No
                 assert answer.status_code == status, (content[:40], answer.text)
                 assert "error" in answer.json()
             assert (await admin.delete("/v1/blacklist/bad%20id")).status_code == 422
+            shuffled = random.Random(14)
+            for _ in range(40):  # hostile bodies: answered 4xx, never a 500
+                noise = bytes(shuffled.randrange(256) for _ in range(shuffled.randrange(60)))
+                fields = {"worker_id": shuffled.choice([None, 1, [], "", "a" * 65, "ok"]),
+                          "reason": shuffled.choice([None, {}, "r", 3.5])}  # fmt: skip
+                for content in (noise, json.dumps(fields).encode()):
+                    answer = await admin.post("/v1/blacklist", content=content)
+                    assert answer.status_code < 500, (content, answer.text)
+            await admin.delete("/v1/blacklist/ok")
 
             removed = await admin.delete("/v1/blacklist/suspect")
             assert removed.status_code == 200 and removed.json()["changed"] is True
