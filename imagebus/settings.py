@@ -169,6 +169,18 @@ def database_url_from_env(env: Environment | Mapping[str, str] | None = None) ->
     return _environment(env).optional("IMAGEBUS_DATABASE_URL")
 
 
+def metrics_port_from_env(env: Environment | Mapping[str, str] | None = None) -> int | None:
+    """IMAGEBUS_METRICS_PORT: the port of a role's own /metrics; unset or empty: none."""
+    e = _environment(env)
+    raw = e.optional("IMAGEBUS_METRICS_PORT")
+    if raw is None or not raw.strip():
+        return None
+    port = e.integer("IMAGEBUS_METRICS_PORT", 0, minimum=1)
+    if port > 65535:
+        raise ConfigError("IMAGEBUS_METRICS_PORT", "must be a TCP port, 1 to 65535", raw)
+    return port
+
+
 def _new_orchestrator_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -235,6 +247,8 @@ class OrchestratorSettings:
     verify_timeout_s: float = 120.0
     probation_max_tasks: int = 1
     trusted_workers: tuple[str, ...] = ()
+    # Serve this orchestrator's own Prometheus metrics on this port (None: not served).
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(
@@ -279,6 +293,7 @@ class OrchestratorSettings:
             trusted_workers=tuple(
                 w.strip() for w in e.text("IMAGEBUS_TRUSTED_WORKERS", "").split(",") if w.strip()
             ),
+            metrics_port=metrics_port_from_env(e),
         )
         return replace(read, **given)
 
@@ -317,6 +332,8 @@ class WorkerSettings:
     max_pixels: int = 2048 * 2048
     # Benchmarks only: with model "noop", each job takes this long and computes nothing.
     noop_seconds: float = 0.0
+    # Serve this worker's own Prometheus metrics on this port (None: not served).
+    metrics_port: int | None = None
 
     @property
     def runners(self) -> int:
@@ -367,6 +384,7 @@ class WorkerSettings:
             channels_last=e.flag("IMAGEBUS_CHANNELS_LAST"),
             compile_unet=e.flag("IMAGEBUS_COMPILE"),
             torch_threads=e.integer("IMAGEBUS_TORCH_THREADS", 0, minimum=0),
+            metrics_port=metrics_port_from_env(e),
         )
         return replace(read, **given)
 
@@ -386,6 +404,67 @@ class LogSettings:
         read = cls(
             level=e.text("IMAGEBUS_LOG_LEVEL", "info"),
             format=e.choice("IMAGEBUS_LOG_FORMAT", "console", LOG_FORMATS),
+        )
+        return replace(read, **given)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The web role (`imagebus web`): where it listens, its tokens and its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Bearer tokens: `token` for the API (required when bound beyond loopback; several,
+    # one per user, separated by commas), and `admin_token` for admin actions
+    # (blacklist, cancelling other people's jobs).
+    token: str | None = None
+    admin_token: str | None = None
+    bus: BusSettings = field(default_factory=BusSettings)
+    limits: Limits = field(default_factory=Limits)
+    # Job submissions per client: a token bucket of `rate_burst` refilled at
+    # `rate_per_minute` (0: no limit).
+    rate_per_minute: float = 60.0
+    rate_burst: int = 10
+    max_body_bytes: int = 256 * 1024
+    # Jobs submitted here whose events and images are kept in memory (oldest dropped).
+    keep_jobs: int = 200
+    # How long the OpenAI-compatible endpoint waits for a job's images.
+    wait_s: float = 600.0
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t.strip() for t in (self.token or "").split(",") if t.strip()]
+
+    def check(self) -> None:
+        """Refuse to serve beyond loopback without a token."""
+        if self.host not in LOOPBACK_HOSTS and not self.tokens:
+            raise ConfigError(
+                "IMAGEBUS_WEB_TOKEN",
+                f"required when the web role binds beyond loopback (host {self.host!r})",
+            )
+
+    @classmethod
+    def from_env(
+        cls, env: Environment | Mapping[str, str] | None = None, **overrides: Any
+    ) -> WebSettings:
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        read = cls(
+            host=e.text("IMAGEBUS_WEB_HOST", "127.0.0.1"),
+            port=e.integer("IMAGEBUS_WEB_PORT", 8080, minimum=0),
+            token=e.optional("IMAGEBUS_WEB_TOKEN"),
+            admin_token=e.optional("IMAGEBUS_WEB_ADMIN_TOKEN"),
+            bus=given.pop("bus", None) or BusSettings.from_env(e),
+            limits=given.pop("limits", None) or limits_from_env(e),
+            rate_per_minute=e.number("IMAGEBUS_WEB_RATE", 60.0, minimum=0.0),
+            rate_burst=e.integer("IMAGEBUS_WEB_BURST", 10, minimum=1),
+            max_body_bytes=e.integer("IMAGEBUS_WEB_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
+            keep_jobs=e.integer("IMAGEBUS_WEB_KEEP_JOBS", 200, minimum=1),
+            wait_s=e.number("IMAGEBUS_WEB_WAIT", 600.0, minimum=1.0),
         )
         return replace(read, **given)
 

@@ -16,7 +16,7 @@ from .. import __version__
 from ..connections import BusUnavailable
 from ..logs import configure_logging
 from ..settings import ConfigError, LogSettings
-from . import admin, keys, requests, serve
+from . import admin, keys, requests, serve, web
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     requests.register(commands)
     admin.register(commands)
     keys.register(commands)
+    web.register(commands)
     return parser
 
 

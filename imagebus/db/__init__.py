@@ -5,6 +5,7 @@ is exported here.
 """
 
 from .blacklist import BlacklistCache
+from .history import fetch_recent_jobs
 from .recorder import JobRecorder
 from .store import (
     TRANSIENT_ERRORS,
@@ -37,5 +38,6 @@ __all__ = [
     "TrustStore",
     "Verdict",
     "fetch_job_status",
+    "fetch_recent_jobs",
     "load_migrations",
 ]

@@ -26,6 +26,7 @@ from ..connections import BusUnavailable, connect
 from ..db import AttemptRecord, BlacklistCache, Database, JobRecorder, Record, TaskUpdate
 from ..logs import get_logger
 from ..looplag import LoopLag
+from ..metrics import MetricsServer
 from ..protocol import (
     AssignmentRefused,
     CapacityNotice,
@@ -55,9 +56,11 @@ from .cancels import Cancels
 from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import Dispatcher
+from .figures import PoolFigures
 from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
+from .metrics import serve_metrics
 from .registry import Registry
 from .senders import advert_problem, assigned_to_sender, from_sender, notice_problem
 from .verify import Verifier, start_verification
@@ -81,6 +84,8 @@ class Orchestrator:
         )
         self.registry = Registry(settings.registry_warm_s, breaker)
         self.loop_lag = LoopLag()
+        self.figures = PoolFigures()  # for dashboards and metrics, from the records
+        self._metrics: MetricsServer | None = None
         self._subscriptions: list[Subscription] = []
         self._running_jobs: dict[str, RunningJob] = {}
         # The tasks assigned now, by (job id, index): dispatch watches them, the
@@ -127,6 +132,7 @@ class Orchestrator:
             waiting=self.dispatcher.waiting,
             stats=self._stats,
             loop_lag=self.loop_lag,
+            figures=self.figures,
             log=self._log,
             trust=verifier.book,
         )
@@ -148,6 +154,10 @@ class Orchestrator:
             await nc.subscribe(s.worker_advert_subject(), cb=self._on_advert),
             *await control.subscribe(),
         ]
+        if self.settings.metrics_port is not None:
+            self._metrics = serve_metrics(
+                self.settings.metrics_port, control.pool_snapshot, control.worker_listing
+            )
         await self._ensure_results_stream()
         await self._start_intake()  # last, so nothing is taken before it can be served
         self._log.info("orchestrator ready", nats=self.settings.bus.nats_url)
@@ -223,6 +233,8 @@ class Orchestrator:
             await self.blacklist.stop()
         if self.db is not None:
             await self.db.close()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
         await self.loop_lag.stop()
         self._log.info("orchestrator stopped")
 
@@ -443,6 +455,7 @@ class Orchestrator:
         return None
 
     def _record(self, record: Record) -> None:
+        self.figures.observe(record)
         if self.recorder is not None:
             self.recorder.add(record)
 

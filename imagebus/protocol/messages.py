@@ -261,6 +261,8 @@ class WorkerAdvert:
     # determinism class, with the model and the device (verification).
     dtype: str = ""
     instance: str = ""  # see AssignmentRefused.instance
+    # Pipeline calls made so far by images per call: [calls of 1, calls of 2, ...]
+    batch_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,10 @@ ADMIN_TRUST_SUBJECT = "imagebus.admin.trust"
 # Every administration subject, and every one orchestrators answer, is under these.
 ADMIN_PREFIX = "imagebus.admin"
 ORCHESTRATORS_PREFIX = "imagebus.orchestrators"
+# The pool's figures for dashboards and metrics: every orchestrator answers the first
+# (no queue group), one answers the second from PostgreSQL (queue group). control.py.
+POOL_SUBJECT = "imagebus.orchestrators.pool"
+RECENT_JOBS_SUBJECT = "imagebus.orchestrators.recent-jobs"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"
