@@ -63,7 +63,7 @@ function fieldBox(name, schema, required) {
     el("label", { for: input.id }, labelFor(name), required ? " *" : ""),
     input,
     name === "model" ? el("datalist", { id: `${input.id}-list` }) : null,
-    description && !["prompt", "n"].includes(name) ? el("div", { class: "hint" }, description) : null,
+    description && !["prompt", "n", "seed"].includes(name) ? el("div", { class: "hint" }, description) : null,
     el("div", { class: "error", role: "alert", "aria-live": "polite", "data-error-for": name }));
 }
 

@@ -94,7 +94,7 @@ export class JobView {
       const tile = this.tiles[task.index];
       if (!tile || FINAL_TASK.has(tile.state)) continue;
       if (task.state === "done") this.result({ index: task.index, ok: true });
-      else if (task.state === "failed") this.result({ index: task.index, ok: false, error: task.error });
+      else if (task.state === "failed") this.result({ index: task.index, ok: false, error: task.error, code: task.code });
       else if (task.steps) this.progress(task.index, task.step, task.steps);
       else if (task.state === "running" || task.worker_id) this.assigned(task);
     }
@@ -124,13 +124,19 @@ export class JobView {
     if (this.job.state === "queued") this.setState("running");
   }
 
-  result({ index, ok, url, error }) {
+  result({ index, ok, url, error, code, width, height }) {
     const tile = this.tiles[index];
     if (!tile || FINAL_TASK.has(tile.state)) return;
     tile.state = ok ? "done" : "failed";
+    tile.cancelled = !ok && (code === "cancelled" || /cancel/i.test(describeError(error)));
     tile.progress.classList.add(ok ? "ok" : "bad");
     tile.bar.style.width = "100%";
     tile.progress.setAttribute("aria-valuenow", "100");
+    if (width && height && !this.job.width) {
+      this.job.width = width;
+      this.job.height = height;
+      for (const t of this.tiles) t.frame.style.setProperty("--ratio", `${width} / ${height}`);
+    }
     if (ok) {
       const src = withToken(url || this.imageUrl(index));
       const img = el("img", { src, alt: `image ${index + 1}: ${this.job.prompt || ""}`, loading: "lazy" });
@@ -145,6 +151,15 @@ export class JobView {
       tile.status.replaceChildren(stateBadge("failed"), " ", describeError(error));
     }
     this.onChange?.(this.job);
+    // Every image has its outcome: the job is over, whether or not its "done" has come.
+    if (this.tiles.every((t) => FINAL_TASK.has(t.state))) this.finish(this.derivedState());
+  }
+
+  derivedState() {
+    const made = this.tiles.filter((t) => t.state === "done").length;
+    if (made === this.tiles.length) return "done";
+    if (made) return "partial";
+    return this.tiles.every((t) => t.cancelled) ? "cancelled" : "failed";
   }
 
   setState(state) {

@@ -113,8 +113,10 @@ async function cancel() {
   const button = $("cancel");
   button.disabled = true;
   try {
-    await api(`/v1/jobs/${view.job.id}`, { method: "DELETE" });
-    view.finish("cancelled");
+    // The answer is the job's status once it has stopped, or {state: "cancelling"}
+    // (202) while it stops: then its events bring the rest.
+    const status = await api(`/v1/jobs/${view.job.id}`, { method: "DELETE" });
+    if (status?.tasks) view.applyStatus(status);
   } catch (error) {
     $("job-meta").textContent = `Could not cancel: ${error.message}`;
   } finally {
