@@ -348,6 +348,62 @@ class LogSettings:
         return replace(read, **given)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The web role (`imagebus web`): where it listens, its tokens and its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Bearer tokens: `token` for the API (required when bound beyond loopback), and
+    # `admin_token` for admin actions (blacklist, cancelling other people's jobs).
+    token: str | None = None
+    admin_token: str | None = None
+    bus: BusSettings = field(default_factory=BusSettings)
+    limits: Limits = field(default_factory=Limits)
+    # Job submissions per client: a token bucket of `rate_burst` refilled at
+    # `rate_per_minute` (0: no limit).
+    rate_per_minute: float = 60.0
+    rate_burst: int = 10
+    max_body_bytes: int = 256 * 1024
+    # Jobs submitted here whose events and images are kept in memory (oldest dropped).
+    keep_jobs: int = 200
+    # How long the OpenAI-compatible endpoint waits for a job's images.
+    wait_s: float = 600.0
+
+    def check(self) -> None:
+        """Refuse to serve beyond loopback without a token."""
+        if self.host not in LOOPBACK_HOSTS and not self.token:
+            raise ConfigError(
+                "IMAGEBUS_WEB_TOKEN",
+                f"required when the web role binds beyond loopback (host {self.host!r})",
+            )
+
+    @classmethod
+    def from_env(
+        cls, env: Environment | Mapping[str, str] | None = None, **overrides: Any
+    ) -> WebSettings:
+        e = _environment(env)
+        given = _given(overrides)
+        _check_fields(cls, given)
+        read = cls(
+            host=e.text("IMAGEBUS_WEB_HOST", "127.0.0.1"),
+            port=e.integer("IMAGEBUS_WEB_PORT", 8080, minimum=0),
+            token=e.optional("IMAGEBUS_WEB_TOKEN"),
+            admin_token=e.optional("IMAGEBUS_WEB_ADMIN_TOKEN"),
+            bus=given.pop("bus", None) or BusSettings.from_env(e),
+            limits=given.pop("limits", None) or limits_from_env(e),
+            rate_per_minute=e.number("IMAGEBUS_WEB_RATE", 60.0, minimum=0.0),
+            rate_burst=e.integer("IMAGEBUS_WEB_BURST", 10, minimum=1),
+            max_body_bytes=e.integer("IMAGEBUS_WEB_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
+            keep_jobs=e.integer("IMAGEBUS_WEB_KEEP_JOBS", 200, minimum=1),
+            wait_s=e.number("IMAGEBUS_WEB_WAIT", 600.0, minimum=1.0),
+        )
+        return replace(read, **given)
+
+
 def imagebus_home_from_env(env: Environment | Mapping[str, str] | None = None) -> str:
     """Where `imagebus up` keeps its servers' data."""
     return _environment(env).text("IMAGEBUS_HOME", ".imagebus")

@@ -88,6 +88,8 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 AssignedCallback = Callable[[int, str], None]
+# Each image's result as it comes in (the first complete copy; failures too).
+ResultCallback = Callable[[TaskResult], None]
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Job:
     _incomplete: Counter[int] = field(default_factory=Counter)  # copies missing chunks
     on_progress: ProgressCallback | None = None
     on_assigned: AssignedCallback | None = None
+    on_result: ResultCallback | None = None
     _rejection: JobRejected | None = None
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _accepted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -228,6 +231,8 @@ class Job:
             raise ProtocolError("successful result without an image")
         await self._confirm(msg)
         self.results[result.index] = result
+        if self.on_result:
+            self.on_result(result)
         if len(self.results) == self.n:
             self._done.set()
 

@@ -2,23 +2,91 @@
 
 Each module owns its routes: api.py (the job API), openai_api.py (the OpenAI-compatible
 endpoint), pool.py (the pool's state for the dashboard), metrics.py (/metrics),
-pages.py (the requester page, the dashboard and their static files).
+pages.py (the requester page, the dashboard and their static files), openapi.py
+(/openapi.json and /docs).
+
+What handlers share lives on `app.state`: `settings` (WebSettings), `client` (an
+ImageBusClient connected in the lifespan), `jobs` (the JobTracker of jobs submitted
+here), `limiter` (the per-client RateLimiter). Handlers raise `auth.ApiError`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
-from . import api, metrics, openai_api, pages, pool
+from ..requester import ImageBusClient
+from ..settings import WebSettings
+from . import api, metrics, openai_api, openapi, pages, pool
+from .auth import ApiError, RateLimiter
+from .jobs import JobTracker
+
+log = structlog.get_logger(__name__)
 
 
-def create_app() -> Starlette:
+def create_app(settings: WebSettings | None = None) -> Starlette:
+    """The app; ConfigError if `settings` bind beyond loopback without a token."""
+    settings = settings or WebSettings.from_env()
+    settings.check()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with ImageBusClient(bus=settings.bus) as client:
+            app.state.client = client
+            app.state.jobs = JobTracker(
+                client, settings.keep_jobs, wait_s=settings.limits.max_job_timeout_s
+            )
+            log.info("web role serving", host=settings.host, port=settings.port)
+            try:
+                yield
+            finally:
+                await app.state.jobs.close()
+
     routes: list[BaseRoute] = [
         *api.routes(),
         *openai_api.routes(),
         *pool.routes(),
         *metrics.routes(),
+        *openapi.routes(),
         *pages.routes(),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+    )
+    app.state.settings = settings
+    app.state.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
+    app.state.fetched = OrderedDict()  # api.py: images fetched from the results stream
+    app.state.openapi = openapi.document(settings, [openai_api, pool, metrics, pages])
+    return app
+
+
+def error_body(message: str, code: str, field: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "code": code, "field": field}}
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    if request.url.path.startswith(openai_api.PREFIX):
+        body = openai_api.error_body(exc)
+    else:
+        body = error_body(exc.message, exc.code, exc.field)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own (no such route, method not allowed) as the same JSON."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(str(exc.detail), code), status_code=exc.status_code, headers=exc.headers
+    )
