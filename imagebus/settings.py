@@ -150,6 +150,18 @@ def database_url_from_env(env: Environment | Mapping[str, str] | None = None) ->
     return _environment(env).optional("IMAGEBUS_DATABASE_URL")
 
 
+def metrics_port_from_env(env: Environment | Mapping[str, str] | None = None) -> int | None:
+    """IMAGEBUS_METRICS_PORT: the port of a role's own /metrics; unset or empty: none."""
+    e = _environment(env)
+    raw = e.optional("IMAGEBUS_METRICS_PORT")
+    if raw is None or not raw.strip():
+        return None
+    port = e.integer("IMAGEBUS_METRICS_PORT", 0, minimum=1)
+    if port > 65535:
+        raise ConfigError("IMAGEBUS_METRICS_PORT", "must be a TCP port, 1 to 65535", raw)
+    return port
+
+
 def _new_orchestrator_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -202,6 +214,8 @@ class OrchestratorSettings:
     breaker_failures: int = 3
     breaker_backoff_s: float = 10.0
     breaker_max_backoff_s: float = 300.0
+    # Serve this orchestrator's own Prometheus metrics on this port (None: not served).
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(
@@ -237,6 +251,7 @@ class OrchestratorSettings:
             breaker_failures=e.integer("IMAGEBUS_BREAKER_FAILURES", 3, minimum=1),
             breaker_backoff_s=e.number("IMAGEBUS_BREAKER_BACKOFF", 10.0, minimum=0.0),
             breaker_max_backoff_s=e.number("IMAGEBUS_BREAKER_MAX_BACKOFF", 300.0, minimum=0.0),
+            metrics_port=metrics_port_from_env(e),
         )
         return replace(read, **given)
 
@@ -275,6 +290,8 @@ class WorkerSettings:
     max_pixels: int = 2048 * 2048
     # Benchmarks only: with model "noop", each job takes this long and computes nothing.
     noop_seconds: float = 0.0
+    # Serve this worker's own Prometheus metrics on this port (None: not served).
+    metrics_port: int | None = None
 
     @property
     def runners(self) -> int:
@@ -325,6 +342,7 @@ class WorkerSettings:
             channels_last=e.flag("IMAGEBUS_CHANNELS_LAST"),
             compile_unet=e.flag("IMAGEBUS_COMPILE"),
             torch_threads=e.integer("IMAGEBUS_TORCH_THREADS", 0, minimum=0),
+            metrics_port=metrics_port_from_env(e),
         )
         return replace(read, **given)
 

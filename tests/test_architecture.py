@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
     "logs": set(),
     "looplag": set(),
+    # Prometheus metrics from the figures on the bus: for /metrics and --metrics-port.
+    "metrics": {"protocol", "settings"},
     "settings": {"protocol"},
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
@@ -35,11 +37,12 @@ ALLOWED: dict[str, set[str]] = {
         "protocol",
         "settings",
         "verification",
+        "metrics",
     },
-    "worker": {"connections", "logs", "looplag", "protocol", "settings"},
+    "worker": {"connections", "logs", "looplag", "protocol", "settings", "metrics"},
     "requester": {"connections", "logs", "protocol", "settings"},
     # The web role speaks only NATS, through the requester's Python client.
-    "web": {"connections", "logs", "protocol", "requester", "settings"},
+    "web": {"connections", "logs", "protocol", "requester", "settings", "metrics"},
     "supervisor": set(),  # child processes and their restart policy: knows no role
     "launcher": {
         "connections",

@@ -59,6 +59,7 @@ def add_orchestrator(commands: Commands) -> None:
         default=None,
         help="recruitment asks per round (env IMAGEBUS_MAX_ATTEMPTS, default 10)",
     )
+    add_metrics_port_option(orch)
 
 
 def add_worker(commands: Commands) -> None:
@@ -122,6 +123,24 @@ def add_worker(commands: Commands) -> None:
         default=None,
         help="benchmarks only: with --model noop, each job sleeps this long",
     )
+    add_metrics_port_option(worker)
+
+
+def add_metrics_port_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=None,
+        help="serve this process's Prometheus metrics on http://0.0.0.0:PORT/metrics"
+        " (env IMAGEBUS_METRICS_PORT; default: not served)",
+    )
+
+
+def tcp_port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError("must be a TCP port, 1 to 65535")
+    return number
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -152,7 +171,10 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     from ..orchestrator import Orchestrator
 
     settings = OrchestratorSettings.from_env(
-        database_url=args.database_url, bus=bus_from(args), max_attempts=args.max_attempts
+        database_url=args.database_url,
+        bus=bus_from(args),
+        max_attempts=args.max_attempts,
+        metrics_port=args.metrics_port,
     )
     orchestrator = Orchestrator(settings)
     try:
@@ -180,6 +202,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         compile_unet=args.compile,
         torch_threads=args.threads,
         noop_seconds=args.noop_seconds,
+        metrics_port=args.metrics_port,
     )
     try:
         worker = Worker(settings)

@@ -5,6 +5,7 @@ is exported here.
 """
 
 from .blacklist import BlacklistCache
+from .history import fetch_recent_jobs
 from .recorder import JobRecorder
 from .store import (
     TRANSIENT_ERRORS,
@@ -29,5 +30,6 @@ __all__ = [
     "Record",
     "TaskUpdate",
     "fetch_job_status",
+    "fetch_recent_jobs",
     "load_migrations",
 ]

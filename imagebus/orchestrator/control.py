@@ -1,23 +1,32 @@
 """The orchestrator's answers on the control plane (see protocol/control.py): ping,
-stats, the worker registry, the request schema, a job's status, and the blacklist
-(administration)."""
+stats, the worker registry, the request schema, a job's status, the pool's figures
+and the recent jobs (dashboards, metrics), and the blacklist (administration)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Awaitable, Callable, Mapping
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from structlog.typing import FilteringBoundLogger
 
-from ..db import TRANSIENT_ERRORS, BlacklistCache, BlacklistEntry, Database, fetch_job_status
+from ..db import (
+    TRANSIENT_ERRORS,
+    BlacklistCache,
+    BlacklistEntry,
+    Database,
+    fetch_job_status,
+    fetch_recent_jobs,
+)
 from ..looplag import LoopLag
-from ..protocol import Limits, ProtocolError, WorkerListing, encode, request_schema
+from ..protocol import JobStatus, Limits, ProtocolError, WorkerListing, encode, request_schema
 from ..protocol import subjects as s
 from ..protocol.control import (
     MAX_BLACKLIST_REASON,
+    MAX_RECENT_JOBS,
     BlacklistAction,
     BlacklistAnswer,
     BlacklistCommand,
@@ -27,12 +36,17 @@ from ..protocol.control import (
     LoopLagSummary,
     OrchestratorPong,
     OrchestratorStats,
+    PoolQuery,
+    PoolSnapshot,
+    RecentJobs,
+    RecentJobsQuery,
     SchemaAnswer,
     StatsQuery,
     WorkerList,
     error_answer,
     read_query,
 )
+from .figures import PoolFigures
 from .registry import Registry
 from .watch import Watch
 
@@ -59,6 +73,7 @@ class ControlPlane:
         waiting: Mapping[tuple[str, int], str],
         stats: Callable[[LoopLagSummary], OrchestratorStats],
         loop_lag: LoopLag,
+        figures: PoolFigures,
         log: FilteringBoundLogger,
     ) -> None:
         self.nc = nc
@@ -71,6 +86,7 @@ class ControlPlane:
         self.waiting = waiting
         self._stats = stats
         self.loop_lag = loop_lag
+        self.figures = figures
         self._log = log
 
     async def subscribe(self) -> list[Subscription]:
@@ -82,9 +98,30 @@ class ControlPlane:
             await self.nc.subscribe(s.JOB_STATUS_SUBJECT, queue=one, cb=self._on_job_status),
             await self.nc.subscribe(s.SCHEMA_SUBJECT, queue=one, cb=self._on_schema),
             await self.nc.subscribe(s.ADMIN_BLACKLIST_SUBJECT, queue=one, cb=self._on_blacklist),
+            await self.nc.subscribe(s.POOL_SUBJECT, cb=self._on_pool),  # each
+            await self.nc.subscribe(s.RECENT_JOBS_SUBJECT, queue=one, cb=self._on_recent_jobs),
         ]
 
-    # --- answering: one helper for answers, one for errors ----------------------------
+    # --- answering: what a query's handler returns, or the error it raised -----------
+
+    async def _reply(self, msg: Msg, answer: Callable[[], Awaitable[object]]) -> None:
+        """Answer with what `answer()` returns, or with the error it raised: a malformed
+        query (ProtocolError), a refused one (QueryRefused), PostgreSQL unreachable. A bug
+        is answered too (and logged), so that the asker is not left waiting."""
+        try:
+            result = await answer()
+        except ProtocolError as exc:
+            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
+        except QueryRefused as exc:
+            await self._answer_error(msg, exc.code, str(exc))
+        except TRANSIENT_ERRORS as exc:
+            message = f"the database is unreachable: {exc}"
+            await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
+        except Exception as exc:
+            self._log.exception("control query failed", subject=msg.subject)
+            await self._answer_error(msg, ControlErrorCode.INTERNAL, f"internal error: {exc!r}")
+        else:
+            await self._answer(msg, result)
 
     async def _answer(self, msg: Msg, answer: object) -> None:
         if msg.reply:
@@ -101,18 +138,49 @@ class ControlPlane:
         await self._answer(msg, OrchestratorPong(self.id))
 
     async def _on_stats(self, msg: Msg) -> None:
-        try:
+        async def stats() -> OrchestratorStats:
             query = read_query(StatsQuery, msg.data)
-        except ProtocolError as exc:
-            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
-            return
+            answer = self._stats(self._loop_lag())
+            if query.reset:
+                self.loop_lag.reset()
+            return answer
+
+        await self._reply(msg, stats)
+
+    def _loop_lag(self) -> LoopLagSummary:
         lag = self.loop_lag.summary()
-        summary = LoopLagSummary(lag["p50_ms"], lag["p99_ms"], lag["max_ms"], int(lag["samples"]))
-        if query.reset:
-            self.loop_lag.reset()
-        await self._answer(msg, self._stats(summary))
+        return LoopLagSummary(lag["p50_ms"], lag["p99_ms"], lag["max_ms"], int(lag["samples"]))
+
+    async def _on_pool(self, msg: Msg) -> None:
+        async def pool() -> PoolSnapshot:
+            query = read_query(PoolQuery, msg.data)
+            if not (math.isfinite(query.window_s) and query.window_s > 0):
+                raise QueryRefused(
+                    ControlErrorCode.INVALID_REQUEST, "window_s must be a positive number"
+                )
+            return self.pool_snapshot(query.window_s)
+
+        await self._reply(msg, pool)
+
+    async def _on_recent_jobs(self, msg: Msg) -> None:
+        async def recent() -> RecentJobs:
+            query = read_query(RecentJobsQuery, msg.data)
+            if not 1 <= query.limit <= MAX_RECENT_JOBS:
+                raise QueryRefused(
+                    ControlErrorCode.INVALID_REQUEST,
+                    f"limit must be between 1 and {MAX_RECENT_JOBS}",
+                )
+            return RecentJobs(await fetch_recent_jobs(self.db, query.limit))
+
+        await self._reply(msg, recent)
 
     async def _on_workers(self, msg: Msg) -> None:
+        await self._answer(msg, WorkerList(self.worker_listing()))
+
+    def pool_snapshot(self, window_s: float = 60.0) -> PoolSnapshot:
+        return self.figures.snapshot(self._stats(self._loop_lag()), window_s)
+
+    def worker_listing(self) -> list[WorkerListing]:
         blacklisted = self.blacklist.ids
         listing = []
         for advert, age in self.registry.listing():
@@ -127,25 +195,19 @@ class ControlPlane:
                     breaker.failures,
                 )
             )
-        await self._answer(msg, WorkerList(listing))
+        return listing
 
     async def _on_schema(self, msg: Msg) -> None:
         await self._answer(msg, SchemaAnswer(request_schema(self.limits)))
 
     async def _on_job_status(self, msg: Msg) -> None:
-        try:
-            job_id = read_query(JobStatusQuery, msg.data).job_id
-            found = await fetch_job_status(self.db, job_id)
-        except ProtocolError as exc:
-            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
-            return
-        except TRANSIENT_ERRORS as exc:
-            message = f"the database is unreachable: {exc}"
-            await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
-            return
+        await self._reply(msg, lambda: self._job_status(read_query(JobStatusQuery, msg.data)))
+
+    async def _job_status(self, query: JobStatusQuery) -> JobStatus:
+        job_id = query.job_id
+        found = await fetch_job_status(self.db, job_id)
         if found is None:
-            await self._answer_error(msg, ControlErrorCode.NOT_FOUND, f"no job {job_id!r}")
-            return
+            raise QueryRefused(ControlErrorCode.NOT_FOUND, f"no job {job_id!r}")
         tasks = []
         for task in found.tasks:  # live: the steps of those running here, why others wait
             watch = self.watches.get((job_id, task.index))
@@ -155,26 +217,17 @@ class ControlPlane:
             elif waits_for is not None:
                 task = dataclasses.replace(task, phase="waiting", reason=waits_for)
             tasks.append(task)
-        await self._answer(msg, dataclasses.replace(found, tasks=tasks))
+        return dataclasses.replace(found, tasks=tasks)
 
     # --- administration ---------------------------------------------------------------
 
     async def _on_blacklist(self, msg: Msg) -> None:
-        try:
-            command = read_query(BlacklistCommand, msg.data)
-            changed = await self._change_blacklist(command)
+        async def blacklist() -> BlacklistAnswer:
+            changed = await self._change_blacklist(read_query(BlacklistCommand, msg.data))
             entries = await self.db.blacklist()
-        except ProtocolError as exc:
-            await self._answer_error(msg, ControlErrorCode.INVALID_REQUEST, str(exc))
-            return
-        except QueryRefused as exc:
-            await self._answer_error(msg, exc.code, str(exc))
-            return
-        except TRANSIENT_ERRORS as exc:
-            message = f"the database is unreachable: {exc}"
-            await self._answer_error(msg, ControlErrorCode.UNAVAILABLE, message)
-            return
-        await self._answer(msg, BlacklistAnswer([_listed(e) for e in entries], changed))
+            return BlacklistAnswer([_listed(e) for e in entries], changed)
+
+        await self._reply(msg, blacklist)
 
     async def _change_blacklist(self, command: BlacklistCommand) -> bool:
         """Apply an add or a remove; whether it changed the blacklist."""

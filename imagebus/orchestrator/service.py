@@ -25,6 +25,7 @@ from structlog.typing import FilteringBoundLogger
 from ..connections import BusUnavailable, connect
 from ..db import AttemptRecord, BlacklistCache, Database, JobRecorder, Record, TaskUpdate
 from ..logs import get_logger
+from ..metrics import MetricsServer
 from ..looplag import LoopLag
 from ..protocol import (
     AssignmentRefused,
@@ -54,6 +55,8 @@ from .breaker import Breaker
 from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import Dispatcher
+from .figures import PoolFigures
+from .metrics import serve_metrics
 from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
@@ -77,6 +80,8 @@ class Orchestrator:
         )
         self.registry = Registry(settings.registry_warm_s, breaker)
         self.loop_lag = LoopLag()
+        self.figures = PoolFigures()  # for dashboards and metrics, from the records
+        self._metrics: MetricsServer | None = None
         self._subscriptions: list[Subscription] = []
         self._running_jobs: dict[str, RunningJob] = {}
         # The tasks assigned now, by (job id, index): dispatch watches them, the
@@ -119,6 +124,7 @@ class Orchestrator:
             waiting=self.dispatcher.waiting,
             stats=self._stats,
             loop_lag=self.loop_lag,
+            figures=self.figures,
             log=self._log,
         )
         self._subscriptions = [
@@ -130,6 +136,10 @@ class Orchestrator:
             await nc.subscribe(s.WORKER_ADVERT_SUBJECT, cb=self._on_advert),
             *await control.subscribe(),
         ]
+        if self.settings.metrics_port is not None:
+            self._metrics = serve_metrics(
+                self.settings.metrics_port, control.pool_snapshot, control.worker_listing
+            )
         await self._ensure_results_stream()
         await self._start_intake()  # last, so nothing is taken before it can be served
         self._log.info("orchestrator ready", nats=self.settings.bus.nats_url)
@@ -203,6 +213,8 @@ class Orchestrator:
             await self.blacklist.stop()
         if self.db is not None:
             await self.db.close()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
         await self.loop_lag.stop()
         self._log.info("orchestrator stopped")
 
@@ -424,6 +436,7 @@ class Orchestrator:
         return None
 
     def _record(self, record: Record) -> None:
+        self.figures.observe(record)
         if self.recorder is not None:
             self.recorder.add(record)
 

@@ -12,6 +12,8 @@ error carries the `Imagebus-Error` header (its code) and a `ControlError` body:
     imagebus.orchestrators.job-status  JobStatusQuery      JobStatus            (one)
     imagebus.schema                    (empty)             SchemaAnswer         (one)
     imagebus.admin.blacklist           BlacklistCommand    BlacklistAnswer      (one)
+    imagebus.orchestrators.pool        PoolQuery           PoolSnapshot         (each)
+    imagebus.orchestrators.recent-jobs RecentJobsQuery     RecentJobs           (one)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ControlErrorCode(StrEnum):
     NOT_FOUND = "not_found"  # no such job
     UNAVAILABLE = "unavailable"  # PostgreSQL is unreachable: try again later
     INVALID_REQUEST = "invalid_request"  # the query itself is wrong
+    INTERNAL = "internal"  # a bug in the orchestrator: said, not left unanswered
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +151,97 @@ def read_answer(
         return decode(ControlError, payload)
     except ProtocolError:
         return ControlError(code, payload.decode(errors="replace"))
+
+
+# --- the pool's figures, for dashboards and metrics (the web role) --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PoolQuery:
+    window_s: float = 60.0  # the recent window its rates and percentiles cover
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    label: str  # an outcome, a state
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Observations in Prometheus's form: cumulative counts at each upper bound (the
+    +Inf bucket is `count`), their sum and their count. Counted since the start."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFigures:
+    model: str  # "default": requests that name no model
+    queue_depth: int  # images of running jobs waiting for a worker now
+    queue_wait_s: Histogram  # from a job's acceptance to its image's first assignment
+    generation_s: Histogram  # the worker's seconds per image, as reported
+
+
+@dataclass(frozen=True, slots=True)
+class RecentFigures:
+    """What happened over the last `window_s` seconds; None: nothing was measured.
+    `images` and `jobs` count what finished in each of the last buckets of `bucket_s`
+    seconds, oldest first (a small chart)."""
+
+    window_s: float
+    images_per_s: float
+    jobs_per_s: float
+    queue_wait_p50_s: float | None
+    queue_wait_p95_s: float | None
+    generation_p50_s: float | None
+    generation_p95_s: float | None
+    bucket_s: float
+    images: list[int]
+    jobs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """One orchestrator's figures for a dashboard or a scrape: its stats, its counters
+    since it started (jobs and tasks by outcome), per model, and the recent window."""
+
+    stats: OrchestratorStats
+    uptime_s: float
+    jobs: list[Count]  # finished jobs by outcome (a JobState: done, partial, failed, cancelled)
+    tasks: list[Count]  # finished images by outcome (done, failed, cancelled)
+    models: list[ModelFigures]
+    recent: RecentFigures
+    queue_depth: int = 0  # images waiting for a worker, every model
+
+
+@dataclass(frozen=True, slots=True)
+class RecentJobsQuery:
+    limit: int = 20
+
+
+MAX_RECENT_JOBS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    job_id: str
+    state: str  # a JobState
+    n: int
+    succeeded: int
+    failed: int
+    prompt: str
+    model: str | None
+    width: int
+    height: int
+    created_at: str  # ISO 8601
+    finished_at: str | None
+    orchestrator_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecentJobs:
+    jobs: list[JobSummary]  # newest first

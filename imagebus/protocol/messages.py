@@ -247,6 +247,8 @@ class WorkerAdvert:
     mean_batch: float = 0.0  # images per pipeline call so far (dynamic batching)
     loop_lag_p99_ms: float = 0.0  # its event loop's lag over the last minute
     free_seq: int = 0  # see AssignmentRefused.free_seq
+    # Pipeline calls made so far by images per call: [calls of 1, calls of 2, ...]
+    batch_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,10 @@ SCHEMA_SUBJECT = "imagebus.schema"
 # Administration, answered by one orchestrator (queue group); only the orchestrator
 # and admin users may publish here (deploy/nats-permissions.conf). See control.py.
 ADMIN_BLACKLIST_SUBJECT = "imagebus.admin.blacklist"
+# The pool's figures for dashboards and metrics: every orchestrator answers the first
+# (no queue group), one answers the second from PostgreSQL (queue group). control.py.
+POOL_SUBJECT = "imagebus.orchestrators.pool"
+RECENT_JOBS_SUBJECT = "imagebus.orchestrators.recent-jobs"
 # Every image is also kept in this stream, for `imagebus job fetch`, for its max age:
 # one subject per image, "imagebus.results.<job id>.<index>" (see imagebus.results).
 RESULTS_STREAM = "IMAGEBUS_RESULTS"

@@ -288,25 +288,69 @@ class ImageBusClient:
         """Every running orchestrator's figures (jobs, waiting tasks, event-loop lag),
         as they answer within `wait` seconds. `reset`: each then measures its loop's
         lag afresh (benchmarks)."""
+        query = control.StatsQuery(reset=reset)
+        answers = await self._ask_each(
+            s.ORCHESTRATOR_STATS_SUBJECT, control.OrchestratorStats, query, wait
+        )
+        return sorted(answers, key=lambda a: a.orchestrator_id)
+
+    async def pool_snapshots(
+        self, window_s: float = 60.0, wait: float = 0.5, quiet: float = 0.05
+    ) -> list[control.PoolSnapshot]:
+        """Every running orchestrator's figures for a dashboard (counters, queue per
+        model, latency histograms, rates and percentiles over the last `window_s`),
+        as they answer within `wait` seconds; once one has answered, a `quiet` spell
+        with no further answer ends the wait early."""
+        query = control.PoolQuery(window_s)
+        answers = await self._ask_each(
+            s.POOL_SUBJECT, control.PoolSnapshot, query, wait, quiet=quiet
+        )
+        return sorted(answers, key=lambda a: a.stats.orchestrator_id)
+
+    async def recent_jobs(self, limit: int = 20) -> list[control.JobSummary]:
+        """The latest jobs as recorded (newest first), from one orchestrator."""
+        query = control.RecentJobsQuery(limit)
+        return (await self._ask(s.RECENT_JOBS_SUBJECT, control.RecentJobs, query)).jobs
+
+    async def _ask_each(
+        self,
+        subject: str,
+        answer_type: type[T],
+        query: object,
+        wait: float,
+        *,
+        quiet: float | None = None,
+    ) -> list[T]:
+        """Ask every orchestrator (no queue group); the answers within `wait` seconds
+        (error answers and malformed ones are left out)."""
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         inbox = self.nc.new_inbox()
-        answers: list[control.OrchestratorStats] = []
+        answers: list[T] = []
+        arrived = asyncio.Event()
 
         async def on_answer(msg: Msg) -> None:
             with contextlib.suppress(ProtocolError):
-                answer = control.read_answer(control.OrchestratorStats, msg.data, msg.headers)
-                if isinstance(answer, control.OrchestratorStats):
+                answer = control.read_answer(answer_type, msg.data, msg.headers)
+                if isinstance(answer, answer_type):
                     answers.append(answer)
+                    arrived.set()
 
         subscription = await self.nc.subscribe(inbox, cb=on_answer)
         try:
-            query = control.query_payload(control.StatsQuery(reset=reset))
-            await self.nc.publish(s.ORCHESTRATOR_STATS_SUBJECT, query, reply=inbox)
-            await asyncio.sleep(wait)
+            await self.nc.publish(subject, control.query_payload(query), reply=inbox)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                timeout = left if quiet is None or not answers else min(left, quiet)
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), timeout)
+                except TimeoutError:
+                    if answers or quiet is None:
+                        break
         finally:
             await subscription.unsubscribe()
-        return sorted(answers, key=lambda a: a.orchestrator_id)
+        return answers
 
     async def workers(self) -> list[WorkerListing]:
         """The live worker registry, as one orchestrator sees it."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -70,6 +70,7 @@ class Batcher:
         self.max_batch = max(max_batch, 1)
         self.window_s = window_s if self.max_batch > 1 else 0.0
         self.batches = 0  # pipeline calls made
+        self.batch_sizes: Counter[int] = Counter()  # pipeline calls by images per call
         self.images = 0  # images made in them
         self._waiting: list[Queued] = []
         self._running = 0  # batches being made now (by all runners)
@@ -203,6 +204,7 @@ class Batcher:
         await progress.sent()  # the last step's events go out before the results
         self.batches += 1
         self.images += len(batch)
+        self.batch_sizes[len(batch)] += 1
         self._last_batch = len(batch)
         self._last_batch_s = time.perf_counter() - started
         if progress.steps_reported and not all(isinstance(r, BaseException) for r in rendered):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.client import Client
@@ -22,6 +23,7 @@ from nats.aio.subscription import Subscription
 from ..connections import connect
 from ..logs import get_logger
 from ..looplag import LoopLag
+from ..metrics import MetricsServer
 from ..protocol import (
     AssignmentRefused,
     CapacityNotice,
@@ -50,6 +52,7 @@ from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
 from .identity import IdClaim
+from .metrics import serve_metrics
 from .outcomes import failure, for_the_requester, report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
@@ -92,6 +95,7 @@ class Worker:
         self._copy_answer_within_s = copy_answer_within_s
         self._delivery: Delivery | None = None
         self.loop_lag = LoopLag()
+        self._metrics: MetricsServer | None = None
         self._log = get_logger(worker_id=self.id)
 
     @property
@@ -132,6 +136,8 @@ class Worker:
         await self.nc.flush()
         self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="imagebus-heartbeats")
         await self._advertise()
+        if self.settings.metrics_port is not None:
+            self._metrics = serve_metrics(self.settings.metrics_port, self)
         self._log.info(
             "worker ready",
             models=self.models,
@@ -186,6 +192,8 @@ class Worker:
         for batcher in self._batchers.values():
             await batcher.stop()
         await self.loop_lag.stop()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
         if self._id_claim is not None:
             await self._id_claim.release()  # last: it held the id while it ran tasks
         if self.nc is not None:
@@ -236,7 +244,15 @@ class Worker:
             mean_batch=status.mean_batch,
             loop_lag_p99_ms=self.loop_lag.summary()["p99_ms"],
             free_seq=self._slots.next_free_seq(),
+            batch_sizes=self.batch_sizes(),
         )
+
+    def batch_sizes(self) -> list[int]:
+        """Pipeline calls made so far by images per call: [calls of 1, calls of 2, ...]."""
+        calls: Counter[int] = Counter()
+        for batcher in self._batchers.values():
+            calls.update(batcher.batch_sizes)
+        return [calls[size] for size in range(1, max(calls, default=0) + 1)]
 
     async def _advertise(self) -> None:
         if self.nc is not None:
