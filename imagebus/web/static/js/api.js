@@ -80,7 +80,8 @@ export const fmt = {
     if (value === null || value === undefined) return "–";
     const v = Number(value);
     if (v < 1) return `${Math.round(v * 1000)} ms`;
-    if (v < 120) return `${v.toFixed(1)} s`;
+    if (v < 10) return `${v.toFixed(1)} s`;
+    if (v < 120) return `${Math.round(v)} s`;
     return `${Math.round(v / 60)} min`;
   },
   ago(value) {
@@ -116,9 +117,21 @@ export function stateBadge(state) {
   const s = String(state ?? "unknown").toLowerCase();
   const tone =
     ["done", "succeeded", "ok", "idle", "closed", "completed", "live"].includes(s) ? "ok"
-    : ["failed", "error", "open", "blacklisted", "dead", "expired", "timed_out", "refused"].includes(s) ? "bad"
+    : ["failed", "error", "open", "blacklisted", "breaker_open", "dead", "expired", "rejected", "timeout", "timed_out", "refused"].includes(s) ? "bad"
     : ["cancelled", "canceled", "draining", "half-open", "paused", "partial"].includes(s) ? "warn"
     : ["running", "busy", "assigned", "accepted", "generating"].includes(s) ? "info"
     : "";
   return el("span", { class: `badge ${tone}`.trim() }, s);
+}
+
+/** A form asking for the access token (after a 401): kept in this browser, then reload. */
+export function askForToken(message) {
+  const input = el("input", { type: "password", placeholder: "access token", "aria-label": "access token", id: "access-token" });
+  const form = el("form", { class: "inline", onsubmit: (event) => {
+    event.preventDefault();
+    setAccessToken(input.value.trim());
+    location.reload();
+  } }, input, el("button", { class: "btn primary", type: "submit" }, "Use token"));
+  return el("div", { class: "notice bad", style: "display: grid; gap: 8px" },
+    el("div", {}, `${message} This server needs its access token (IMAGEBUS_WEB_TOKEN).`), form);
 }

@@ -1,6 +1,6 @@
 // The operator dashboard: polls GET /v1/pool every second and redraws in place.
 // Admin actions (the blacklist) send the admin token typed here; the server decides.
-import { api, el, fmt, stateBadge } from "./api.js";
+import { api, askForToken, el, fmt, stateBadge } from "./api.js";
 import { lineChart } from "./chart.js";
 import { normalize } from "./pool.js";
 
@@ -25,34 +25,40 @@ function stat(label, value, sub = "") {
 }
 
 function renderStats(pool) {
-  const busy = pool.workers.reduce((sum, w) => sum + (w.slots - w.free_slots || 0), 0);
-  const slots = pool.workers.reduce((sum, w) => sum + (w.slots || 0), 0);
-  const r = pool.recent;
+  const busy = pool.workers.reduce((sum, w) => sum + (w.slots_busy ?? 0), 0);
+  const slots = pool.workers.reduce((sum, w) => sum + (w.slots ?? 0), 0);
+  const { rates, latency } = pool;
+  const made = pool.totals.tasks?.done ?? 0;
   $("stats").replaceChildren(
     stat("Workers", String(pool.workers.length), `${busy} / ${slots} slots busy`),
     stat("Waiting", String(pool.queueDepth), "images waiting for a worker"),
-    stat("Images/s", fmt.num(r.images_per_s), `jobs/s ${fmt.num(r.jobs_per_s)}`),
-    stat("Queue wait", fmt.seconds(r.queue_wait_p50_s), `p95 ${fmt.seconds(r.queue_wait_p95_s)}`),
-    stat("Generation", fmt.seconds(r.generation_p50_s), `p95 ${fmt.seconds(r.generation_p95_s)}`),
-    stat("Jobs running", String(pool.jobsRunning), `${pool.orchestrators.length} orchestrator${pool.orchestrators.length === 1 ? "" : "s"}`),
+    stat("Images/s", fmt.num(rates.images_per_s), `jobs/s ${fmt.num(rates.jobs_per_s)}`),
+    stat("Queue wait p50", fmt.seconds(latency.queueWaitP50), `p95 ${fmt.seconds(latency.queueWaitP95)}`),
+    stat("Generation p50", fmt.seconds(latency.generationP50), `p95 ${fmt.seconds(latency.generationP95)}`),
+    stat("Jobs running", String(pool.jobsRunning), `${made} images made`),
   );
 }
 
 function renderChart(pool) {
-  const r = pool.recent;
-  let images = r.images;
-  let jobs = r.jobs;
-  let span = r.window_s;
-  if (!images?.length) {
+  const { rates } = pool;
+  let images = rates.images;
+  let jobs = rates.jobs;
+  let span;
+  if (images?.length && rates.bucket_s) {
+    // From the first busy bucket on (at least a minute): a new pool's chart is not all zeros.
+    const first = Math.max(0, Math.min(images.findIndex((n) => n > 0), images.length - 60 / rates.bucket_s));
+    const start = images.some((n) => n > 0) ? Math.max(0, first - 1) : 0;
+    images = images.slice(start).map((count) => count / rates.bucket_s);
+    jobs = (jobs || []).slice(start).map((count) => count / rates.bucket_s);
+    span = images.length * rates.bucket_s;
+  } else {
+    // No series from the server: this page's own samples of the current rates.
     const now = Date.now() / 1000;
-    history.push({ t: now, images: r.images_per_s || 0, jobs: r.jobs_per_s || 0 });
+    history.push({ t: now, images: rates.images_per_s || 0, jobs: rates.jobs_per_s || 0 });
     while (history.length && history[0].t < now - HISTORY_S) history.shift();
     images = history.map((h) => h.images);
     jobs = history.map((h) => h.jobs);
     span = history.length > 1 ? now - history[0].t : 0;
-  } else if (r.bucket_s) {
-    images = images.map((count) => count / r.bucket_s);
-    jobs = (jobs || []).map((count) => count / r.bucket_s);
   }
   $("chart-window").textContent = span ? `last ${fmt.seconds(span)}` : "";
   lineChart($("chart"), [
@@ -62,30 +68,31 @@ function renderChart(pool) {
 }
 
 function renderQueues(pool) {
-  table("queues", [["model"], ["waiting", "num"], ["wait p50", "num"], ["wait p95", "num"], ["gen p50", "num"], ["gen p95", "num"]],
-    pool.models.map((m) => el("tr", {}, el("td", { class: "mono" }, m.model),
-      el("td", { class: "num" }, String(m.queue_depth ?? 0)),
-      el("td", { class: "num" }, fmt.seconds(m.queue_wait_p50_s)), el("td", { class: "num" }, fmt.seconds(m.queue_wait_p95_s)),
-      el("td", { class: "num" }, fmt.seconds(m.generation_p50_s)), el("td", { class: "num" }, fmt.seconds(m.generation_p95_s)))),
+  table("queues", [["model"], ["images waiting", "num"]],
+    pool.queue.map((q) => el("tr", {}, el("td", { class: "mono" }, q.model),
+      el("td", { class: "num" }, String(q.depth ?? 0)))),
     "no model has been asked for yet");
 }
 
 function renderWorkers(pool) {
-  $("workers-count").textContent = `${pool.workers.length} live`;
+  $("workers-count").textContent = `${pool.workers.length} live${pool.gone ? ` · ${pool.gone} gone` : ""}`;
+  // Trust levels come from workers that report one; the column shows only then.
+  const trusted = pool.workers.some((w) => (w.trust ?? w.trust_level) !== undefined);
   const headers = [["worker"], ["models"], ["device"], ["slots", "num"], ["state"], ["s/image", "num"],
-    ["done", "num"], ["failed", "num"], ["last seen", "num"], ["breaker"], ["trust"], [""]];
+    ["done", "num"], ["failed", "num"], ["last seen", "num"], ["breaker"], trusted ? ["trust"] : null, [""]].filter(Boolean);
   table("workers", headers, pool.workers.map((w) => el("tr", { "data-worker": w.worker_id },
     el("td", { class: "mono" }, w.worker_id),
     el("td", {}, (w.models || []).join(", ")),
     el("td", {}, [w.device, w.gpu_name, w.vram_gb ? `${fmt.num(w.vram_gb, 0)} GB` : null].filter(Boolean).join(" · ")),
-    el("td", { class: "num" }, `${(w.slots ?? 0) - (w.free_slots ?? 0)} / ${w.slots ?? 0}`),
-    el("td", {}, stateBadge(w.blacklisted ? "blacklisted" : w.state)),
+    el("td", { class: "num" }, `${w.slots_busy ?? 0} / ${w.slots ?? 0}`),
+    el("td", {}, stateBadge(w.state)),
     el("td", { class: "num" }, w.seconds_per_image ? fmt.num(w.seconds_per_image) : "–"),
     el("td", { class: "num" }, String(w.tasks_done ?? 0)),
     el("td", { class: "num" }, String(w.failures ?? 0)),
     el("td", { class: "num" }, fmt.ago(w.last_seen_s)),
-    el("td", {}, stateBadge(w.breaker || "closed")),
-    el("td", {}, w.trust ?? w.trust_level ?? "–"),
+    el("td", { title: w.breaker_failures ? `${w.breaker_failures} failures in a row` : "" },
+      stateBadge(w.breaker || "closed"), w.breaker === "open" ? ` ${fmt.seconds(w.breaker_open_s)}` : ""),
+    trusted ? el("td", {}, String(w.trust ?? w.trust_level ?? "–")) : null,
     el("td", {}, w.blacklisted ? null : el("button", { class: "btn small danger", type: "button",
       "data-blacklist": w.worker_id, onclick: () => blacklist(w.worker_id, "") }, "Blacklist")),
   )), "no worker is connected");
@@ -104,16 +111,16 @@ function renderJobs(pool) {
 }
 
 function renderOrchestrators(pool) {
-  table("orchestrators", [["orchestrator"], ["loop lag p50", "num"], ["p99", "num"], ["backlog", "num"],
+  table("orchestrators", [["orchestrator"], ["lag p50", "num"], ["lag p99", "num"], ["backlog", "num"],
     ["running", "num"], ["intake"]],
     pool.orchestrators.map((o) => el("tr", {},
-      el("td", { class: "mono" }, o.orchestrator_id),
-      el("td", { class: "num" }, `${fmt.num(o.loop_lag?.p50_ms, 1)} ms`),
-      el("td", { class: "num" }, `${fmt.num(o.loop_lag?.p99_ms, 1)} ms`),
-      el("td", { class: "num" }, String(o.records_not_yet_written ?? 0)),
+      el("td", { class: "mono" }, o.id),
+      el("td", { class: "num" }, `${fmt.num(o.loop_lag_ms?.p50, 1)} ms`),
+      el("td", { class: "num" }, `${fmt.num(o.loop_lag_ms?.p99, 1)} ms`),
+      el("td", { class: "num" }, String(o.record_backlog ?? 0)),
       el("td", { class: "num" }, String(o.jobs_running ?? 0)),
-      el("td", { title: o.taking_no_requests_because || "" },
-        o.taking_no_requests_because ? [stateBadge("paused"), " ", o.taking_no_requests_because] : stateBadge("ok")))),
+      el("td", { title: o.intake_paused_because || "" },
+        o.intake_paused ? [stateBadge("paused"), " ", o.intake_paused_because || ""] : el("span", { class: "badge ok" }, "taking jobs")))),
     "no orchestrator answered");
 }
 
@@ -154,13 +161,13 @@ async function admin(action, workerId, call) {
 }
 
 function blacklist(workerId, reason) {
-  return admin("Blacklisted", workerId, (token) => api("/v1/admin/blacklist", {
+  return admin("Blacklisted", workerId, (token) => api("/v1/blacklist", {
     method: "POST", token, body: { worker_id: workerId, reason: reason || "from the dashboard" } }));
 }
 
 function unblacklist(workerId) {
   return admin("Removed from the blacklist", workerId, (token) =>
-    api(`/v1/admin/blacklist/${encodeURIComponent(workerId)}`, { method: "DELETE", token }));
+    api(`/v1/blacklist/${encodeURIComponent(workerId)}`, { method: "DELETE", token }));
 }
 
 async function refresh() {
@@ -170,11 +177,15 @@ async function refresh() {
   } catch (error) {
     $("live-dot").classList.add("stale");
     $("updated").textContent = `no answer (${error.message}) · last ${lastOk ? fmt.time(lastOk / 1000) : "never"}`;
+    if (error.status === 401 && !document.getElementById("access-token")) {
+      $("stats").replaceChildren(askForToken(error.message + "."));
+    }
     return;
   }
   lastOk = Date.now();
   $("live-dot").classList.remove("stale");
-  $("updated").textContent = `live · ${new Date().toLocaleTimeString()}`;
+  const missing = Object.keys(pool.errors);
+  $("updated").textContent = `live · ${new Date().toLocaleTimeString()}${missing.length ? ` · not answered: ${missing.join(", ")}` : ""}`;
   for (const render of [renderStats, renderChart, renderQueues, renderWorkers, renderJobs, renderOrchestrators, renderBlacklist]) {
     try {
       render(pool);

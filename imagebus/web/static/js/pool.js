@@ -1,46 +1,47 @@
-// GET /v1/pool's answer in the one shape the dashboard draws. The web role merges the
-// orchestrators' snapshots; this only flattens nesting and fills what is absent.
+// GET /v1/pool's answer (docs/web.md, "Pool and metrics") in the shape the dashboard
+// draws: parts the server could not read come as null and are kept from the last answer.
 
-const list = (value) => (Array.isArray(value) ? value : value && typeof value === "object" ? Object.values(value) : []);
+// A worker not heard from for this long is gone (the orchestrators' registry keeps it
+// listed a while longer; it advertises every 2 s). A draining worker that went quiet
+// has stopped: it advertises until its last task ends.
+const GONE_AFTER_S = 10;
+const DRAINED_AFTER_S = 5;
 
-function worker(entry) {
-  const flat = { ...(entry.advert || {}), ...entry };
-  delete flat.advert;
-  return flat;
-}
+let previous = { workers: [], recentJobs: [], blacklist: [] };
 
-function orchestrator(entry) {
-  return { ...(entry.stats || {}), ...entry };
-}
-
-function model(entry, name) {
-  if (typeof entry === "number") return { model: name, queue_depth: entry };
-  const quantiles = (h) => (h && typeof h === "object" ? h : {});
-  return {
-    ...entry,
-    model: entry.model ?? name,
-    queue_wait_p50_s: entry.queue_wait_p50_s ?? quantiles(entry.queue_wait).p50_s,
-    queue_wait_p95_s: entry.queue_wait_p95_s ?? quantiles(entry.queue_wait).p95_s,
-    generation_p50_s: entry.generation_p50_s ?? quantiles(entry.generation).p50_s,
-    generation_p95_s: entry.generation_p95_s ?? quantiles(entry.generation).p95_s,
-  };
+export function isGone(worker) {
+  const seen = worker.last_seen_s ?? 0;
+  const draining = (worker.advert_state ?? worker.state) === "draining";
+  return seen > GONE_AFTER_S || (draining && seen > DRAINED_AFTER_S);
 }
 
 export function normalize(pool) {
-  const orchestrators = list(pool.orchestrators).map(orchestrator);
-  const models = Array.isArray(pool.models) ? pool.models.map((m) => model(m))
-    : Object.entries(pool.models || pool.queues || {}).map(([name, m]) => model(m, name));
-  const recent = pool.recent || pool.rates || orchestrators[0]?.recent || {};
-  const blacklist = list(pool.blacklist?.entries ?? pool.blacklist);
-  const workers = list(pool.workers).map(worker).sort((a, b) => String(a.worker_id).localeCompare(String(b.worker_id)));
-  return {
-    workers,
+  const all = (pool.workers ?? previous.allWorkers ?? []).map((w) => ({ ...w, worker_id: w.worker_id ?? w.id }));
+  all.sort((a, b) => String(a.worker_id).localeCompare(String(b.worker_id)));
+  const orchestrators = (pool.orchestrators || []).map((o) => ({ ...o, id: o.id ?? o.orchestrator_id }));
+  const rates = pool.rates || {};
+  const latency = pool.latency || {};
+  const normalized = {
+    allWorkers: all,
+    workers: all.filter((w) => !isGone(w)),
+    gone: all.filter(isGone).length,
     orchestrators,
-    models,
-    recent,
-    recentJobs: list(pool.recent_jobs ?? pool.jobs),
-    blacklist,
-    queueDepth: pool.queue_depth ?? models.reduce((sum, m) => sum + (m.queue_depth || 0), 0),
-    jobsRunning: pool.jobs_running ?? orchestrators.reduce((sum, o) => sum + (o.jobs_running || 0), 0),
+    queue: pool.queue || [],
+    rates,
+    latency: {
+      queueWaitP50: latency.queue_wait_s?.p50 ?? null,
+      queueWaitP95: latency.queue_wait_s?.p95 ?? null,
+      generationP50: latency.generation_s?.p50 ?? null,
+      generationP95: latency.generation_s?.p95 ?? null,
+    },
+    windowS: pool.window_s,
+    totals: pool.totals || {},
+    recentJobs: pool.recent_jobs ?? previous.recentJobs,
+    blacklist: pool.blacklist ?? previous.blacklist,
+    errors: pool.errors || {},
+    queueDepth: (pool.queue || []).reduce((sum, q) => sum + (q.depth || 0), 0),
+    jobsRunning: orchestrators.reduce((sum, o) => sum + (o.jobs_running || 0), 0),
   };
+  previous = normalized;
+  return normalized;
 }

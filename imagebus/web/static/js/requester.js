@@ -1,5 +1,5 @@
 // The requester page: the form, the job being watched, and this browser's past jobs.
-import { api, el, fmt, withToken } from "./api.js";
+import { api, askForToken, el, fmt, withToken } from "./api.js";
 import { buildForm } from "./form.js";
 import { JobView } from "./job.js";
 
@@ -147,7 +147,8 @@ async function start() {
   try {
     schema = await api("/v1/schema");
   } catch (error) {
-    $("fields").replaceChildren(el("div", { class: "notice bad" }, `Could not load the request schema: ${error.message}`));
+    $("fields").replaceChildren(error.status === 401 ? askForToken(error.message + ".")
+      : el("div", { class: "notice bad" }, `Could not load the request schema: ${error.message}`));
     return;
   }
   form = buildForm($("fields"), schema);
