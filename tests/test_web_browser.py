@@ -234,3 +234,26 @@ async def test_the_dashboard_follows_workers_and_the_blacklist(
     await page.click('button[data-unblacklist="w-page-b"]')
     await playwright_api.expect(not_listed).to_have_count(0, timeout=5_000)
     await playwright_api.expect(page.locator('button[data-blacklist="w-page-b"]')).to_be_visible()
+
+
+async def test_a_server_with_a_token_asks_for_it_once(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker("w-token")
+    async with (
+        serve_web(stack.nats_url, token="page-token", rate_per_minute=0.0) as server,
+        playwright_api.async_playwright() as driver,
+    ):
+        browser = await driver.chromium.launch(executable_path=CHROMIUM)
+        page = await browser.new_page()
+        await page.goto(server.url + "/")
+        await page.fill("#access-token", "page-token")
+        await page.click("text=Use token")
+        # The token goes as a header to the API and in the URL of images and events.
+        await fill_request(page, "behind a token", n=2)
+        await page.click("#generate")
+        images = page.locator("#images img")
+        await playwright_api.expect(images).to_have_count(2, timeout=60_000)
+        width = await images.nth(1).evaluate("img => img.decode().then(() => img.naturalWidth)")
+        assert width == 64  # the tiny preset's size
+        await playwright_api.expect(page.locator("#job-state")).to_have_text("done")
+        await browser.close()
