@@ -3,7 +3,7 @@
 
 A real stack (nats-server, PostgreSQL, an orchestrator, tiny-model workers) behind the
 real web app served by uvicorn. Screenshots go to the test's temporary folder, or to
-$IMAGEBUS_SCREENSHOTS (`IMAGEBUS_SCREENSHOTS=docs/screenshots` refreshes the README's).
+$IMAGEBUS_TEST_SCREENSHOTS (`IMAGEBUS_TEST_SCREENSHOTS=docs/screenshots` refreshes the README's).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .webstack import serve_web
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
-CHROMIUM = os.environ.get("IMAGEBUS_CHROMIUM") or next(
+CHROMIUM = os.environ.get("IMAGEBUS_TEST_CHROMIUM") or next(
     filter(None, (shutil.which(name) for name in ("chromium", "chromium-browser"))), None
 )
 ADMIN_TOKEN = "admin-secret-for-tests"
@@ -49,7 +49,7 @@ async def web(stack: Stack, tmp_path: Path) -> AsyncIterator[Web]:
     await stack.start_orchestrator()
     for name in ("w-page-a", "w-page-b"):
         await stack.start_worker(name, slots=2)
-    shots = Path(os.environ.get("IMAGEBUS_SCREENSHOTS") or tmp_path / "screenshots")
+    shots = Path(os.environ.get("IMAGEBUS_TEST_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     async with serve_web(stack.nats_url, admin_token=ADMIN_TOKEN, rate_per_minute=0.0) as server:
         yield Web(server.url, stack, shots)
@@ -156,6 +156,12 @@ async def test_a_prompt_becomes_images_with_live_progress_and_a_zip(
     assert all(archive.read(name).startswith(b"\x89PNG") for name in names)
     save_screenshot(await page.screenshot(), web.shots / "requester.png")
 
+    # On a phone: one column, nothing wider than the screen.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
+    await page.set_viewport_size({"width": 1280, "height": 860})
+
     # The gallery is this browser's: it is still there after a reload.
     await page.reload()
     gallery = page.locator("#gallery [data-job]")
@@ -230,6 +236,10 @@ async def test_the_dashboard_follows_workers_and_the_blacklist(
     await page.set_viewport_size({"width": 1280, "height": 1180})
     await page.evaluate("window.scrollTo(0, 0)")
     save_screenshot(await page.screenshot(), web.shots / "dashboard.png")
+
+    await page.set_viewport_size({"width": 390, "height": 844})
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the dashboard is {overflow} px wider than a phone's screen"
 
     await page.click('button[data-unblacklist="w-page-b"]')
     await playwright_api.expect(not_listed).to_have_count(0, timeout=5_000)

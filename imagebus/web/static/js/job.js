@@ -139,7 +139,8 @@ export class JobView {
     }
     if (ok) {
       const src = withToken(url || this.imageUrl(index));
-      const img = el("img", { src, alt: `image ${index + 1}: ${this.job.prompt || ""}`, loading: "lazy" });
+      const img = el("img", { src, alt: `image ${index + 1}: ${this.job.prompt || ""}`, loading: "lazy",
+        onerror: () => tile.frame.replaceChildren(el("span", { class: "placeholder" }, "no longer on the server")) });
       if ((this.job.width || 512) < 256) img.classList.add("pixelated");
       tile.frame.replaceChildren(img);
       tile.status.replaceChildren(stateBadge("done"));

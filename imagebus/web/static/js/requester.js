@@ -34,7 +34,7 @@ function renderGallery() {
   $("gallery").replaceChildren(...jobs.map((job) => {
     const made = (job.images || []).filter(Boolean).slice(0, 4);
     const thumbs = el("div", { class: `thumbs${made.length <= 1 ? " one" : ""}` },
-      made.map((url) => el("img", { src: withToken(url), alt: "", loading: "lazy" })));
+      made.map((url) => el("img", { src: withToken(url), alt: "", loading: "lazy", onerror: (e) => e.target.remove() })));
     return el("button", { type: "button", title: job.prompt, "data-job": job.id, onclick: () => show(job) },
       thumbs,
       el("div", { class: "caption" }, job.prompt || job.id),
