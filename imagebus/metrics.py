@@ -72,12 +72,11 @@ def pool_metrics(snapshots: Sequence[PoolSnapshot]) -> Iterator[Metric]:
             depth[m.model] += m.queue_depth
             _add(waits, m.model, m.queue_wait_s)
             _add(generations, m.model, m.generation_s)
-    yield _labelled(CounterMetricFamily, "imagebus_jobs", "Jobs finished, by outcome.",
-                    "outcome", jobs)  # fmt: skip
-    yield _labelled(CounterMetricFamily, "imagebus_tasks", "Images finished, by outcome.",
-                    "outcome", tasks)  # fmt: skip
-    yield _labelled(GaugeMetricFamily, "imagebus_queue_depth",
-                    "Images of running jobs waiting for a worker, by model.", "model", depth)  # fmt: skip
+    counter, gauge = CounterMetricFamily, GaugeMetricFamily
+    yield _labelled(counter, "imagebus_jobs", "Jobs finished, by outcome.", "outcome", jobs)
+    yield _labelled(counter, "imagebus_tasks", "Images finished, by outcome.", "outcome", tasks)
+    depth_doc = "Images of running jobs waiting for a worker, by model."
+    yield _labelled(gauge, "imagebus_queue_depth", depth_doc, "model", depth)
     yield _histogram(
         "imagebus_queue_wait_seconds",
         "Seconds from a job's acceptance to its image's first assignment.",
@@ -137,14 +136,14 @@ def registry_metrics(workers: Sequence[WorkerListing]) -> Iterator[Metric]:
     """The worker registry: workers and slots by state, batch sizes, images made."""
     states = Counter({state: 0 for state in WORKER_STATES})
     states.update(worker_state(w) for w in workers)
-    yield _labelled(GaugeMetricFamily, "imagebus_workers", "Workers live, by state.", "state",
-                    states)  # fmt: skip
+    yield _labelled(
+        GaugeMetricFamily, "imagebus_workers", "Workers live, by state.", "state", states
+    )
     slots = Counter(
         busy=sum(max(w.advert.slots - w.advert.free_slots, 0) for w in workers),
         free=sum(max(w.advert.free_slots, 0) for w in workers),
     )
-    yield _labelled(GaugeMetricFamily, "imagebus_slots", "Worker slots, by state.", "state",
-                    slots)  # fmt: skip
+    yield _labelled(GaugeMetricFamily, "imagebus_slots", "Worker slots, by state.", "state", slots)
     yield batch_size_metric([w.advert.batch_sizes for w in workers])
     made = CounterMetricFamily(
         "imagebus_worker_images",
@@ -214,7 +213,9 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(port, addr, registry=registry)
         except OSError as exc:  # in use, say: a setting to change, not a crash
-            raise ConfigError("IMAGEBUS_METRICS_PORT", f"cannot serve on it ({exc})", port) from None
+            raise ConfigError(
+                "IMAGEBUS_METRICS_PORT", f"cannot serve on it ({exc})", port
+            ) from None
         self.port = self._server.server_port
 
     def stop(self) -> None:

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagebus.embedded import free_port
 from imagebus.metrics import MetricsServer
 from imagebus.protocol import subjects as s
-from imagebus.protocol.control import ControlError, PoolSnapshot, read_answer
 from imagebus.protocol.codec import encode
+from imagebus.protocol.control import ControlError, PoolSnapshot, read_answer
 from imagebus.requester import ImageBusClient, ImageBusError
 from imagebus.settings import ConfigError, OrchestratorSettings, WorkerSettings
 
@@ -36,7 +36,9 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def value(page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(
+    page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     return page.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -103,7 +105,10 @@ async def test_the_counts_match_what_was_sent_over_the_bus_and_on_the_metrics_po
     assert value(after, "imagebus_record_backlog", orchestrator=orchestrator.id) == 0
     live = {state: value(after, "imagebus_workers", state=state) for state in ("idle", "busy")}
     assert sum(live.values()) == 2, live  # idle, or busy as of their last advert
-    assert value(after, "imagebus_slots", state="busy") + value(after, "imagebus_slots", state="free") == 3
+    assert (
+        value(after, "imagebus_slots", state="busy") + value(after, "imagebus_slots", state="free")
+        == 3
+    )
 
     mine = await asyncio.to_thread(scrape, worker_port)
     made = value(mine, "imagebus_worker_images_total", worker="metered", outcome="done")
@@ -165,7 +170,9 @@ async def test_a_port_in_use_is_a_clear_configuration_error() -> None:
 def test_the_metrics_port_setting() -> None:
     env = {"IMAGEBUS_DATABASE_URL": "postgresql://x/y", "IMAGEBUS_WORKER_ID": "w1"}
     assert OrchestratorSettings.from_env(env).metrics_port is None
-    assert OrchestratorSettings.from_env({**env, "IMAGEBUS_METRICS_PORT": "9100"}).metrics_port == 9100
+    assert (
+        OrchestratorSettings.from_env({**env, "IMAGEBUS_METRICS_PORT": "9100"}).metrics_port == 9100
+    )
     assert WorkerSettings.from_env({**env, "IMAGEBUS_METRICS_PORT": "9101"}).metrics_port == 9101
     for bad in ("0", "70000", "port", "-1"):
         with pytest.raises(ConfigError, match="IMAGEBUS_METRICS_PORT"):

@@ -25,8 +25,8 @@ from structlog.typing import FilteringBoundLogger
 from ..connections import BusUnavailable, connect
 from ..db import AttemptRecord, BlacklistCache, Database, JobRecorder, Record, TaskUpdate
 from ..logs import get_logger
-from ..metrics import MetricsServer
 from ..looplag import LoopLag
+from ..metrics import MetricsServer
 from ..protocol import (
     AssignmentRefused,
     CapacityNotice,
@@ -56,10 +56,10 @@ from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import Dispatcher
 from .figures import PoolFigures
-from .metrics import serve_metrics
 from .handoff import kept_images
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
+from .metrics import serve_metrics
 from .registry import Registry
 from .watch import Watch
 

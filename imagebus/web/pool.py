@@ -128,7 +128,9 @@ def pool_document(state: PoolState) -> dict[str, Any]:
             "tasks": _summed(snap.tasks for snap in snapshots),
         },
         "recent_jobs": (
-            None if state.recent_jobs is None else [dataclasses.asdict(j) for j in state.recent_jobs]
+            None
+            if state.recent_jobs is None
+            else [dataclasses.asdict(j) for j in state.recent_jobs]
         ),
         "blacklist": (
             None if state.blacklist is None else [dataclasses.asdict(b) for b in state.blacklist]
