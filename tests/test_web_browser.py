@@ -128,7 +128,7 @@ async def test_a_prompt_becomes_images_with_live_progress_and_a_zip(
 
     await page.evaluate(WATCH_PROGRESS)
     await fill_request(page, "a lighthouse at dusk", n=3, steps=24, width=128, height=128)
-    await page.click("#generate")
+    await page.press("#f-prompt", "Control+Enter")
     await playwright_api.expect(page.locator('[data-field-box="steps"]')).not_to_have_class(
         "field invalid"
     )

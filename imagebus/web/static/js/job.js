@@ -142,7 +142,7 @@ export class JobView {
       const img = el("img", { src, alt: `image ${index + 1}: ${this.job.prompt || ""}`, loading: "lazy",
         onerror: () => tile.frame.replaceChildren(el("span", { class: "placeholder" }, "no longer on the server")) });
       if ((this.job.width || 512) < 256) img.classList.add("pixelated");
-      tile.frame.replaceChildren(img);
+      tile.frame.replaceChildren(el("a", { href: src, target: "_blank", rel: "noopener", title: "open full size" }, img));
       tile.status.replaceChildren(stateBadge("done"));
       tile.link.href = src;
       tile.link.hidden = false;

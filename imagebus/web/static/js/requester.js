@@ -153,6 +153,10 @@ async function start() {
   }
   form = buildForm($("fields"), schema);
   $("request-form").addEventListener("submit", submit);
+  // Ctrl+Enter (or Cmd+Enter) in any field sends the request.
+  $("request-form").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("request-form").requestSubmit();
+  });
   const models = await poolSummary();
   form.setModels(models);
   // First visit: a preset named after a model the pool serves (the tiny model in a demo).
