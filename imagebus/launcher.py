@@ -1,7 +1,8 @@
 """`imagebus up`: a whole imagebus on one machine, from pip packages alone.
 
 Starts (or reuses) a real nats-server with JetStream, a real PostgreSQL
-(pgserver), one orchestrator and N worker processes. A worker or orchestrator
+(pgserver), one orchestrator, N worker processes and the web role (`imagebus web`:
+the HTTP API and the pages; --no-web leaves it out). A worker or orchestrator
 that exits on its own is restarted with back-off, and given up if it keeps
 exiting ([supervisor.py](supervisor.py)); the stack keeps serving meanwhile.
 Ctrl-C or SIGTERM stops them all, in order.
@@ -28,6 +29,7 @@ from .supervisor import ChildSpec, ChildState, RestartPolicy, Supervisor
 from .worker.identity import default_worker_id
 
 ORCHESTRATOR = "orchestrator"
+WEB = "web"
 WATCH_INTERVAL_S = 0.5  # how often `up` checks its children
 
 
@@ -44,6 +46,8 @@ class UpOptions:
     interactive: bool = False
     out_dir: Path = Path("generated")
     ready_timeout_s: float = 300.0
+    web: bool = True
+    web_port: int = 8080
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
@@ -61,6 +65,7 @@ class Stack:
         self.nats_url = f"nats://{options.host}:{options.nats_port}"
         self.database_url = options.database_url or ""
         self.ping_subjects: dict[str, str] = {}  # child name -> the subject it answers on
+        self.web_url: str | None = None  # the web role answers over HTTP, not the bus
         self.answering: set[str] = set()  # children that answered since their last start
         self.ready = asyncio.Event()
 
@@ -100,6 +105,16 @@ class Stack:
             f"workers    {o.workers} x model {o.model!r} on {o.device}, "
             f"{threads} torch thread(s) each; logs in {self.home / 'logs'}"
         )
+        if o.web:
+            self._add_web(env)
+
+    def _add_web(self, env: dict[str, str]) -> None:
+        o = self.options
+        if port_open(o.host, o.web_port):
+            _say(f"web        port {o.web_port} is taken: not started (--web-port to choose one)")
+            return
+        self._add(WEB, ["web", "--host", o.host, "--port", str(o.web_port)], env, "")
+        self.web_url = f"http://{o.host}:{o.web_port}"
 
     def _add(self, name: str, args: list[str], env: dict[str, str], ping_subject: str) -> None:
         log_path = self.home / "logs" / f"{name.split()[-1]}.log"
@@ -177,11 +192,31 @@ class Stack:
         return found
 
     async def _answers(self, nc: Client, name: str) -> bool:
+        if name == WEB:
+            return await self._web_answers()
         try:
             await nc.request(self.ping_subjects[name], b"", timeout=0.3)
         except Exception:  # no responders yet, timeout, a reconnecting bus: not yet
             return False
         return True
+
+    async def _web_answers(self) -> bool:
+        """Whether the web role answers GET /healthz with 200 (it is up on the bus)."""
+        o = self.options
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(o.host, o.web_port), timeout=0.3
+            )
+        except (OSError, TimeoutError):
+            return False
+        try:
+            writer.write(f"GET /healthz HTTP/1.0\r\nHost: {o.host}\r\n\r\n".encode())
+            status_line = await asyncio.wait_for(reader.readline(), timeout=0.5)
+            return status_line.split()[1:2] == [b"200"]
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
 
     def _check_ready(self, late: bool) -> bool:
         """Print the ready line once the orchestrator answers and every worker either
@@ -195,7 +230,10 @@ class Stack:
         first_run = [n for n in starting if children[n].restarts == 0 and children[n].running]
         if first_run and not late:
             return True
-        line = f"ready      requesters connect to {self.nats_url}; Ctrl-C stops everything"
+        line = f"ready      requesters connect to {self.nats_url}"
+        if self.web_url:
+            line += f"; the web page is at {self.web_url}/ (API docs: {self.web_url}/docs)"
+        line += "; Ctrl-C stops everything"
         if starting:
             line += f" (still starting: {', '.join(starting)})"
         _say(line)
@@ -204,8 +242,9 @@ class Stack:
 
     def stop(self) -> None:
         # Workers first (they finish their jobs), then the orchestrator, then the servers.
-        workers = [name for name in self.supervisor.children if name != ORCHESTRATOR]
-        self.supervisor.stop([workers, [ORCHESTRATOR]])
+        workers = [name for name in self.supervisor.children if name not in (ORCHESTRATOR, WEB)]
+        web = [WEB] if WEB in self.supervisor.children else []
+        self.supervisor.stop([web, workers, [ORCHESTRATOR]])
         if self.nats is not None:
             self.nats.stop()
         if self.postgres is not None:

@@ -375,8 +375,9 @@ class WebSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    # Bearer tokens: `token` for the API (required when bound beyond loopback), and
-    # `admin_token` for admin actions (blacklist, cancelling other people's jobs).
+    # Bearer tokens: `token` for the API (required when bound beyond loopback; several,
+    # one per user, separated by commas), and `admin_token` for admin actions
+    # (blacklist, cancelling other people's jobs).
     token: str | None = None
     admin_token: str | None = None
     bus: BusSettings = field(default_factory=BusSettings)
@@ -391,9 +392,13 @@ class WebSettings:
     # How long the OpenAI-compatible endpoint waits for a job's images.
     wait_s: float = 600.0
 
+    @property
+    def tokens(self) -> list[str]:
+        return [t.strip() for t in (self.token or "").split(",") if t.strip()]
+
     def check(self) -> None:
         """Refuse to serve beyond loopback without a token."""
-        if self.host not in LOOPBACK_HOSTS and not self.token:
+        if self.host not in LOOPBACK_HOSTS and not self.tokens:
             raise ConfigError(
                 "IMAGEBUS_WEB_TOKEN",
                 f"required when the web role binds beyond loopback (host {self.host!r})",

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from PIL import Image
@@ -34,17 +35,21 @@ def _wait_for_line(process: subprocess.Popen[str], word: str, timeout: float) ->
 
 
 def test_up_serves_generate_with_three_workers_and_stops_cleanly(tmp_path: Path) -> None:
-    nats_port, monitor_port = free_port(), free_port()
+    nats_port, monitor_port, web_port = free_port(), free_port(), free_port()
     env = {**os.environ, "IMAGEBUS_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "imagebus", "up", "--workers", "3", "--model", "tiny",
-         "--nats-port", str(nats_port), "--monitor-port", str(monitor_port)],
+         "--nats-port", str(nats_port), "--monitor-port", str(monitor_port),
+         "--web-port", str(web_port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        _wait_for_line(up, "ready", timeout=240)
+        ready = _wait_for_line(up, "ready", timeout=240)[-1]
+        web_url = f"http://127.0.0.1:{web_port}"
+        assert web_url in ready, ready  # the ready line says where the web page is
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 5  # nats-server, postgres, orchestrator, 3 workers
+        assert len(children) >= 6  # nats-server, postgres, orchestrator, 3 workers, web
+        assert httpx.get(f"{web_url}/healthz").status_code == 200
 
         out = tmp_path / "generated"
         generate = subprocess.run(

@@ -16,7 +16,7 @@ from .. import __version__
 from ..connections import BusUnavailable
 from ..logs import configure_logging
 from ..settings import ConfigError, LogSettings
-from . import admin, requests, serve
+from . import admin, requests, serve, web
 from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     requests.register(commands)
     admin.register(commands)
+    web.register(commands)
     return parser
 
 

@@ -47,6 +47,10 @@ def add_up(commands: Commands) -> None:
         "--interactive", action="store_true", help="open the requester prompt; exit stops all"
     )
     up.add_argument("--out", type=Path, default=Path("generated"), help="where --interactive saves")
+    up.add_argument("--no-web", action="store_true", help="do not start the web role")
+    up.add_argument(
+        "--web-port", type=int, default=8080, help="the web page and API's port (default 8080)"
+    )
 
 
 def add_orchestrator(commands: Commands) -> None:
@@ -159,6 +163,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         interactive=args.interactive,
         out_dir=args.out,
+        web=not args.no_web,
+        web_port=args.web_port,
     )
     try:
         return run_up(options)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..protocol import RequestError, validate_request
+from ..protocol import JobStatus, RequestError, validate_request
 from ..requester import ImageBusClient, ImageBusError
 from ..settings import WebSettings
 from . import sse
@@ -23,6 +23,8 @@ from .jobs import JobTracker, Rejected, WebJob, image_path
 
 # How long DELETE waits for the job to end before answering 202 (still stopping).
 CANCEL_WAIT_S = 5.0
+# How long a job unknown to the orchestrators may be one whose record is not written yet.
+RECORD_LAG_S = 3.0
 # Images fetched from the results stream for jobs not submitted here (a few jobs).
 _FETCHED_KEPT = 8
 
@@ -106,8 +108,10 @@ async def _images(request: Request, job_id: str) -> tuple[WebJob | None, dict[in
         return web, pngs
     fetched: OrderedDict[str, dict[int, bytes]] = request.app.state.fetched
     if job_id not in fetched:
+        client = client_of(request)
         try:
-            fetched[job_id] = await client_of(request).fetch(job_id, timeout=10.0)
+            await client.job_status(job_id)  # a quick 404 for an unknown job
+            fetched[job_id] = await client.fetch(job_id, timeout=10.0)
         except ImageBusError as exc:
             raise bus_error(exc) from None
         while len(fetched) > _FETCHED_KEPT:
@@ -163,12 +167,25 @@ async def cancel_job(request: Request) -> Response:
         if web is not None:
             await web.job.cancel()
             return await _after_cancel(request, job_id)
-        status = await asyncio.wait_for(client.cancel_job(job_id, timeout=None), CANCEL_WAIT_S)
+        status = await asyncio.wait_for(_cancel_elsewhere(client, job_id), CANCEL_WAIT_S)
         return json_response(status)
     except TimeoutError:
         return json_response({"job_id": job_id, "state": "cancelling"}, status=202)
     except ImageBusError as exc:
         raise bus_error(exc) from None
+
+
+async def _cancel_elsewhere(client: ImageBusClient, job_id: str) -> JobStatus:
+    """Cancel a job submitted elsewhere; one just accepted may have no record yet (they
+    are written behind), so `not_found` is believed only after RECORD_LAG_S."""
+    deadline = asyncio.get_running_loop().time() + RECORD_LAG_S
+    while True:
+        try:
+            return await client.cancel_job(job_id, timeout=None)
+        except ImageBusError as exc:
+            if exc.code != "not_found" or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 async def _after_cancel(request: Request, job_id: str) -> Response:

@@ -39,7 +39,12 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with ImageBusClient(bus=settings.bus) as client:
+        try:
+            client = await ImageBusClient(bus=settings.bus).__aenter__()
+        except Exception as exc:  # the bus unreachable: `imagebus web` says so
+            app.state.startup_error = str(exc)
+            raise
+        async with client:
             app.state.client = client
             app.state.jobs = JobTracker(
                 client, settings.keep_jobs, wait_s=settings.limits.max_job_timeout_s

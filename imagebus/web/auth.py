@@ -44,7 +44,8 @@ class ApiError(Exception):
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who made a request: `key` names the client (its address and the hash of the
-    token it showed) for job ownership; `admin` whether it showed the admin token."""
+    token it showed) for job ownership and rate limits; `admin` whether it showed the
+    admin token."""
 
     key: str
     address: str
@@ -70,13 +71,16 @@ def require_token(request: Request) -> Caller:
     settings: WebSettings = request.app.state.settings
     given = presented_token(request)
     admin = _matches(given, settings.admin_token)
-    if settings.token and not (admin or _matches(given, settings.token)):
+    if settings.tokens and not (admin or any(_matches(given, t) for t in settings.tokens)):
         message = "a token is required" if given is None else "the token is not valid"
         raise ApiError(
             401, message, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="imagebus"'}
         )
     address = request.client.host if request.client else "unknown"
-    digest = hashlib.sha256(given.encode()).hexdigest()[:16] if given else "-"
+    # A token tells clients apart only where the server checks it: else any made-up
+    # token would make a new client (and a fresh rate-limit bucket).
+    checked = given if (settings.tokens or admin) else None
+    digest = hashlib.sha256(checked.encode()).hexdigest()[:16] if checked else "-"
     return Caller(key=f"{address}/{digest}", address=address, admin=admin)
 
 
@@ -124,7 +128,7 @@ class RateLimiter:
 def check_rate(request: Request, caller: Caller) -> None:
     """ApiError 429 (with Retry-After) when this client submits past its rate."""
     limiter: RateLimiter = request.app.state.limiter
-    wait = limiter.take(caller.address)
+    wait = limiter.take(caller.key)
     if wait is not None:
         raise ApiError(
             429,
