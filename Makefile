@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-faults bench lint format typecheck up clean
+.PHONY: install browser demo test test-faults bench lint format typecheck up clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +22,15 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/imagebus up --workers 3 --model tiny
 
-test: $(STAMP)
+# The browser tests (tests/test_web_browser.py) drive Debian's chromium through
+# Playwright (whose own browser download is not available): install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # Only the fault-injection suite (also part of `make test`), printing its figures.
