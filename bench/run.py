@@ -512,12 +512,19 @@ def gpu_section(report: Report, nats_server: NatsServer, postgres: Postgres, sca
     report.add(_gpu_table())
 
 
+def web_section(report: Report, nats_server: NatsServer, postgres: Postgres, scale: float) -> None:
+    from .web import web_section as section  # bench.web imports this module's helpers
+
+    section(report, nats_server, postgres, scale)
+
+
 SECTIONS = {
     "dispatch": dispatch_section,
     "throughput": throughput_section,
     "scaling": scaling_section,
     "tiny": tiny_section,
     "gpu": gpu_section,
+    "web": web_section,
 }
 
 
