@@ -527,6 +527,12 @@ def verification_section(
     report.add("")
 
 
+def web_section(report: Report, nats_server: NatsServer, postgres: Postgres, scale: float) -> None:
+    from .web import web_section as section  # bench.web imports this module's helpers
+
+    section(report, nats_server, postgres, scale)
+
+
 SECTIONS = {
     "dispatch": dispatch_section,
     "throughput": throughput_section,
@@ -534,6 +540,7 @@ SECTIONS = {
     "tiny": tiny_section,
     "gpu": gpu_section,
     "verification": verification_section,
+    "web": web_section,
 }
 
 

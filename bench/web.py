@@ -1,159 +1,163 @@
-"""The web role's cost to the orchestrator (issue 14): 200 open dashboards (polling
-GET /v1/pool every second) and 200 SSE watchers of running jobs, against none.
+"""What the web role adds to an image's delivery, against the Python client.
 
-    python -m bench.web [--quick] [--dashboards 200] [--watchers 200]
+    python -m bench.run --only web --out /tmp/web-bench.md
 
-Runnable alone (`make bench` does not run it). Real nats-server and PostgreSQL
-(embedded), one orchestrator process, 16 no-op workers (bench.workers), a web role
-process (uvicorn), and a load process for the dashboards and watchers. The watched
-jobs run on one more no-op worker (device "cuda", sleeping an hour, as many slots as
-watched jobs) that they fill, so the measured jobs never land on it and the running
-jobs' heartbeats weigh on both sides of the comparison. Jobs/s are measured as in
-bench/run.py's throughput section (64 requests in flight): first with the web load,
-then without it (its watched jobs still running). The web role asks the orchestrators
-for the pool's state at most once a second however many dashboards poll
-(web/pool.py); on a machine whose cores are all busy, the web and load processes
-still take CPU from the orchestrator.
+One orchestrator, no-op workers, and `imagebus web` as its own process, on this
+machine. Each sample makes one 1-image job, one after the other, the three ways
+interleaved (so that the machine's noise falls on all three alike):
+
+- the Python client: `submit` -> the image in hand (`Job.wait`);
+- the OpenAI-compatible endpoint: one POST with `response_format=b64_json` -> the
+  image in the answer;
+- the job API as a page uses it: POST /v1/jobs -> the `result` event on its
+  event stream -> GET of the PNG.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import base64
 import contextlib
+import json
 import statistics
-import sys
-import tempfile
+import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import psutil
 
 from imagebus.embedded import NatsServer, Postgres, free_port
+from imagebus.requester import ImageBusClient
 
-from .run import PYTHON, orchestrators, process, throughput
+from .run import PYTHON, QUIET, Report, orchestrators, percentile, process, wait_for_workers
 
-WATCHED = {"prompt": "watched", "width": 8, "height": 8, "steps": 1,
-           "requirements": {"device": "cuda"}}  # fmt: skip
+PROMPT = "a lighthouse"
+REQUEST = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1}
 
 
-def serve(nats_url: str, port: int) -> None:
-    """The web role, no rate limit, remembering every watched job."""
-    import uvicorn
-
-    from imagebus.logs import configure_logging
-    from imagebus.settings import BusSettings, WebSettings
-    from imagebus.web.app import create_app
-
-    configure_logging("error")
-    settings = WebSettings(
-        bus=BusSettings(nats_url, None), port=port, rate_per_minute=0, keep_jobs=2000
+def web_section(report: Report, nats_server: NatsServer, postgres: Postgres, scale: float) -> None:
+    url = nats_server.url
+    samples = max(int(300 * scale), 40)
+    port = free_port()
+    database_url = postgres.create_database("bench_web")
+    with (
+        orchestrators(url, database_url, 1),
+        process(PYTHON, "-m", "bench.workers", url, "4", "0"),
+        _web(url, port) as web,
+    ):
+        asyncio.run(wait_for_workers(url, 4))
+        timings, cpu = asyncio.run(
+            _measure(url, f"http://127.0.0.1:{port}", samples, psutil.Process(web.pid))
+        )
+    report.add("## 7. The web role's cost per image")
+    report.add("")
+    report.add(
+        f"{samples} one-image jobs each way, one at a time, interleaved; no-op workers. "
+        "Delivery: from the request sent to the image in hand."
     )
-    print("ready", flush=True)
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error")
-
-
-async def load(web_url: str, dashboards: int, watchers: int) -> None:
-    """Dashboards polling /v1/pool every second; watchers following running jobs."""
-    limits = httpx.Limits(max_connections=dashboards + watchers + 10)
-    async with httpx.AsyncClient(base_url=web_url, timeout=60, limits=limits) as http:
-        jobs = []
-        for _ in range(watchers):
-            answer = await http.post("/v1/jobs", json=WATCHED)
-            answer.raise_for_status()
-            jobs.append(answer.json()["events_url"])
-
-        async def dashboard() -> None:
-            while True:
-                (await http.get("/v1/pool")).raise_for_status()
-                await asyncio.sleep(1.0)
-
-        async def watch(events_url: str) -> None:
-            async with http.stream("GET", events_url) as response:
-                async for _ in response.aiter_lines():
-                    pass
-
-        tasks = [asyncio.create_task(dashboard()) for _ in range(dashboards)]
-        tasks += [asyncio.create_task(watch(url)) for url in jobs]
-        await asyncio.sleep(2)
-        print("ready", flush=True)
-        await asyncio.gather(*tasks)
+    report.add("")
+    report.add(
+        "| path | p50 ms | p95 ms | p50 added to the Python client's, ms "
+        "| CPU ms of the web process per image |"
+    )
+    report.add("|---|---|---|---|---|")
+    base = statistics.median(timings["Python client"])
+    for path, values in timings.items():
+        p50 = statistics.median(values)
+        added = "" if path == "Python client" else f"{(p50 - base) * 1e3:+.2f}"
+        cpu_ms = f"{statistics.mean(cpu[path]) * 1e3:.2f}" if cpu[path] else ""
+        p95 = percentile(values, 0.95)
+        report.add(f"| {path} | {p50 * 1e3:.2f} | {p95 * 1e3:.2f} | {added} | {cpu_ms} |")
+    report.add("")
 
 
 @contextlib.contextmanager
-def web_load(web_url: str, dashboards: int, watchers: int) -> Iterator[None]:
-    args = ("load", web_url, str(dashboards), str(watchers))
-    with process(PYTHON, "-m", "bench.web", *args):
-        yield
-
-
-def measure(nats_url: str, jobs: int, orchestrator: psutil.Process) -> tuple[float, float]:
-    """Jobs/s, and the orchestrator's CPU milliseconds per job meanwhile."""
-    before = orchestrator.cpu_times()
-    rate = asyncio.run(throughput(nats_url, jobs, 64, warm_up=0)).whole
-    after = orchestrator.cpu_times()
-    cpu = (after.user + after.system) - (before.user + before.system)
-    return rate, cpu / jobs * 1e3
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dashboards", type=int, default=200)
-    parser.add_argument("--watchers", type=int, default=200)
-    args = parser.parse_args()
-    jobs, tries = (300, 2) if args.quick else (2000, 3)
-    home = Path(tempfile.mkdtemp(prefix="imagebus-bench-web-"))
-    nats_server = NatsServer("127.0.0.1", free_port(), home / "nats").start()
-    postgres = Postgres(home / "pg").start()
-    url, web_port = nats_server.url, free_port()
-    web_url = f"http://127.0.0.1:{web_port}"
-    slow = ("-m", "imagebus", "worker", "--nats-url", url, "--model", "noop",
-            "--device", "cuda", "--noop-seconds", "3600", "--worker-id", "bench-watched",
-            "--slots", str(max(args.watchers, 1)))  # fmt: skip
+def _web(nats_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`imagebus web` without a rate limit (the samples come back to back)."""
+    env = {**QUIET, "IMAGEBUS_WEB_RATE": "0"}
+    args = [PYTHON, "-m", "imagebus", "web", "--nats-url", nats_url, "--port", str(port)]
+    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
     try:
-        with (
-            orchestrators(url, postgres.create_database("bench_web"), 1) as (pid,),
-            process(PYTHON, "-m", "bench.workers", url, "16", "0"),
-            process(PYTHON, *slow, ready=False),
-            process(PYTHON, "-m", "bench.web", "serve", url, str(web_port)),
-        ):
-            time.sleep(4)  # the web role connects; the slow worker advertises
-            orchestrator = psutil.Process(pid)
-            without: list[tuple[float, float]] = []
-            loaded: list[tuple[float, float]] = []
-            # The watched jobs fill the slow worker first: no measured job goes to it.
-            with web_load(web_url, args.dashboards, args.watchers):
-                asyncio.run(throughput(url, 200, 64))  # warm up
-                for _ in range(tries):
-                    loaded.append(measure(url, jobs, orchestrator))
-            for _ in range(tries):
-                without.append(measure(url, jobs, orchestrator))
-        base = statistics.median(rate for rate, _ in without)
-        busy = statistics.median(rate for rate, _ in loaded)
-        print(
-            f"jobs/s without the web load: {base:.0f} ({_each(without)}); with "
-            f"{args.dashboards} dashboards and {args.watchers} SSE watchers: {busy:.0f} "
-            f"({_each(loaded)}); ratio {busy / base:.2f}"
-        )
+        yield child
     finally:
-        nats_server.stop()
-        postgres.stop()
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
-def _each(tries: list[tuple[float, float]]) -> str:
-    """Each try's jobs/s and the orchestrator's CPU ms per job."""
-    return ", ".join(
-        f"{rate:.0f} jobs/s at {cpu:.2f} orchestrator CPU ms/job" for rate, cpu in tries
-    )
+Samples = dict[str, list[float]]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        serve(sys.argv[2], int(sys.argv[3]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "load":
-        asyncio.run(load(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
-    else:
-        main()
+async def _measure(
+    nats_url: str, web_url: str, samples: int, web: psutil.Process
+) -> tuple[Samples, Samples]:
+    """Seconds to deliver each image, each way; and the web process's CPU seconds."""
+    async with (
+        ImageBusClient(nats_url) as client,
+        httpx.AsyncClient(base_url=web_url, timeout=60) as http,
+    ):
+        await _wait_healthy(http)
+        ways: dict[str, Callable[[], Awaitable[None]]] = {
+            "Python client": lambda: _python(client),
+            "OpenAI endpoint (b64_json)": lambda: _openai(http),
+            "job API: POST, result event, GET png": lambda: _job_api(http),
+        }
+        timings: Samples = {name: [] for name in ways}
+        cpu: Samples = {name: [] for name in ways}
+        for round_number in range(samples + 5):
+            for name, way in ways.items():
+                cpu_before = _cpu(web)
+                started = time.perf_counter()
+                await way()
+                if round_number >= 5:  # the first rounds warm up connections
+                    timings[name].append(time.perf_counter() - started)
+                    if name != "Python client":
+                        cpu[name].append(_cpu(web) - cpu_before)
+        return timings, cpu
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def _wait_healthy(http: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise RuntimeError("imagebus web did not come up")
+
+
+async def _python(client: ImageBusClient) -> None:
+    job = await client.submit(PROMPT, width=64, height=64, steps=1)
+    (image,) = await job.wait(60)
+    assert image.png
+
+
+async def _openai(http: httpx.AsyncClient) -> None:
+    body = {"prompt": PROMPT, "size": "64x64", "response_format": "b64_json"}
+    response = await http.post("/v1/images/generations", json=body)
+    response.raise_for_status()
+    assert base64.b64decode(response.json()["data"][0]["b64_json"])
+
+
+async def _job_api(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/jobs", json=REQUEST)
+    response.raise_for_status()
+    job = response.json()
+    async with http.stream("GET", job["events_url"]) as events:
+        name = ""
+        async for line in events.aiter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:") and name == "result":
+                url = json.loads(line[5:])["url"]
+                break
+    image = await http.get(url)
+    image.raise_for_status()

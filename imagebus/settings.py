@@ -429,8 +429,10 @@ class WebSettings:
     rate_per_minute: float = 60.0
     rate_burst: int = 10
     max_body_bytes: int = 256 * 1024
-    # Jobs submitted here whose events and images are kept in memory (oldest dropped).
+    # Finished jobs submitted here whose events and images are kept in memory, at most
+    # this many and this many bytes of images (the oldest dropped first).
     keep_jobs: int = 200
+    keep_bytes: int = 512 * 1024 * 1024
     # How long the OpenAI-compatible endpoint waits for a job's images.
     wait_s: float = 600.0
 
@@ -464,6 +466,7 @@ class WebSettings:
             rate_burst=e.integer("IMAGEBUS_WEB_BURST", 10, minimum=1),
             max_body_bytes=e.integer("IMAGEBUS_WEB_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             keep_jobs=e.integer("IMAGEBUS_WEB_KEEP_JOBS", 200, minimum=1),
+            keep_bytes=e.integer("IMAGEBUS_WEB_KEEP_BYTES", 512 * 1024 * 1024, minimum=0),
             wait_s=e.number("IMAGEBUS_WEB_WAIT", 600.0, minimum=1.0),
         )
         return replace(read, **given)

@@ -10,6 +10,7 @@ import zipfile
 import pytest
 
 from tests.conftest import Stack
+from tests.helpers import eventually
 from tests.webstack import TINY, read_events, serve_web
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,3 +140,19 @@ async def test_rate_limit(stack: Stack, burst: int) -> None:
             assert response.json()["error"]["code"] == "rate_limited"
             # A bad request does not spend the budget; status reads are not limited.
             assert (await http.get("/v1/workers")).status_code == 200
+
+
+async def test_finished_jobs_past_the_memory_bound_are_served_from_the_bus(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    async with serve_web(stack.nats_url, keep_bytes=0) as web, web.http() as http:
+        job = (await http.post("/v1/jobs", json={"prompt": "a wren", **TINY})).json()
+        live = await read_events(http, job["events_url"])
+        assert live[-1][1]["state"] == "done"
+        assert await eventually(lambda: web.app.state.jobs.get(job["job_id"]) is None)
+        later = await read_events(http, job["events_url"])  # polled status now
+        names = [name for name, _ in later]
+        assert names[-1] == "done" and set(names[:-1]) == {"status"}, names
+        assert later[-1][1]["state"] == later[-2][1]["state"] == "done"
+        image = await http.get(job["images"][0])
+        assert image.status_code == 200 and image.content.startswith(PNG_MAGIC)

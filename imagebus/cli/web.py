@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..settings import WebSettings
 from .common import (
@@ -17,6 +21,9 @@ from .common import (
     non_negative_int,
     say,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
 
 # Open SSE streams are cut after this long when the server stops.
 GRACEFUL_SHUTDOWN_S = 5
@@ -57,7 +64,7 @@ def cmd_web(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = uvicorn.Server(config)
+    server = _server(config)
     try:
         asyncio.run(server.serve())
     except SystemExit:  # uvicorn exits when it cannot bind its port, or start the app
@@ -67,3 +74,24 @@ def cmd_web(args: argparse.Namespace) -> int:
         say("web", error or f"cannot listen on {settings.host}:{settings.port}")
         return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _server(config: uvicorn.Config) -> uvicorn.Server:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, except that SIGINT and SIGTERM stop it gracefully and then exit 0
+        like the other roles (uvicorn raises the signal again once stopped)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    return Server(config)

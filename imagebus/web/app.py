@@ -47,7 +47,10 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
         async with client:
             app.state.client = client
             app.state.jobs = JobTracker(
-                client, settings.keep_jobs, wait_s=settings.limits.max_job_timeout_s
+                client,
+                settings.keep_jobs,
+                wait_s=settings.limits.max_job_timeout_s,
+                keep_bytes=settings.keep_bytes,
             )
             log.info("web role serving", host=settings.host, port=settings.port)
             try:

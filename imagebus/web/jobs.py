@@ -5,7 +5,8 @@ The Python client's `Job` holds a job's events only in the process that submitte
 so `GET /v1/jobs/{id}/events` streams them for jobs submitted here; for other jobs
 (another web process behind a load balancer, the CLI) api.py polls the job's status
 instead. The last `keep_jobs` finished jobs are kept; older ones are served from the
-orchestrators (status) and the results stream (images).
+orchestrators (status) and the results stream (images). So are jobs past
+`keep_bytes` of images in all.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class WebJob:
     @property
     def job_id(self) -> str:
         return self.job.job_id or ""
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(len(r.png or b"") for r in self.job.results.values())
 
     def png(self, index: int) -> bytes | None:
         result = self.job.results.get(index)
@@ -183,9 +188,12 @@ class Rejected(Exception):
 class JobTracker:
     """The jobs submitted through this process, by id (the last `keep` finished ones)."""
 
-    def __init__(self, client: ImageBusClient, keep: int, wait_s: float) -> None:
+    def __init__(
+        self, client: ImageBusClient, keep: int, wait_s: float, keep_bytes: int = 1 << 29
+    ) -> None:
         self.client = client
         self.keep = keep
+        self.keep_bytes = keep_bytes
         self.wait_s = wait_s
         self.jobs: OrderedDict[str, WebJob] = OrderedDict()
         self._waiters: set[asyncio.Task[None]] = set()
@@ -233,11 +241,16 @@ class JobTracker:
         except ImageBusError as exc:  # GenerationFailed (some images failed) included
             error = exc
         web.finish(error)
+        self._forget_old()
 
     def _forget_old(self) -> None:
+        """Drop the oldest finished jobs past `keep` jobs or `keep_bytes` of images."""
         finished = [job_id for job_id, web in self.jobs.items() if web.finished]
-        for job_id in finished[: max(0, len(self.jobs) - self.keep)]:
-            del self.jobs[job_id]
+        kept_bytes = sum(web.image_bytes for web in self.jobs.values())
+        for job_id in finished:
+            if len(self.jobs) <= self.keep and kept_bytes <= self.keep_bytes:
+                break
+            kept_bytes -= self.jobs.pop(job_id).image_bytes
 
     async def close(self) -> None:
         for task in list(self._waiters):

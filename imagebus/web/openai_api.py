@@ -3,9 +3,10 @@ clients (the official `openai` package, apps built on it) work against a pool un
 
 prompt, n, size ("WxH", or "auto" for the pool's default), response_format ("url" or
 "b64_json"), model: a model some worker serves is used as is; any other name (dall-e-3,
-gpt-image-1...) means the pool's default model. Other OpenAI fields (quality, style,
-user...) are accepted and ignored. Errors come in OpenAI's shape:
-{"error": {"message", "type", "param", "code"}}.
+gpt-image-1...) means the pool's default model. imagebus's steps, seed,
+negative_prompt, guidance and preset may be added (the openai package's `extra_body`).
+Other OpenAI fields (quality, style, user...) are accepted and ignored. Errors come in
+OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .jobs import JobTracker, Rejected, WebJob, image_path
 
 PREFIX = "/v1/images/"
 RESPONSE_FORMATS = ("url", "b64_json")
+# imagebus's own parameters an OpenAI client may add (the openai package: extra_body).
+EXTENSIONS = ("steps", "seed", "negative_prompt", "guidance", "preset")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # The pool's models are asked for at most this often.
 _MODELS_TTL_S = 5.0
@@ -80,6 +83,9 @@ async def to_request(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         if match is None:
             raise _invalid("size must be 'WIDTHxHEIGHT', e.g. '512x512', or 'auto'", "size")
         fields["width"], fields["height"] = int(match[1]), int(match[2])
+    for name in EXTENSIONS:  # validated with the rest, by the bus's rules
+        if body.get(name) is not None:
+            fields[name] = body[name]
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _invalid("model must be a string", "model")
@@ -163,6 +169,8 @@ _OPENAI_REQUEST = {
         "size": {"type": "string", "description": "WIDTHxHEIGHT, or auto"},
         "response_format": {"enum": list(RESPONSE_FORMATS)},
         "model": {"type": "string", "description": "a model the pool serves; else its default"},
+        "steps": {"type": "integer", "description": "imagebus: denoising steps"},
+        "seed": {"type": "integer", "description": "imagebus: the first image's seed"},
     },
 }
 

@@ -9,6 +9,7 @@ Other modules of the web role add their routes to the document by defining
 from __future__ import annotations
 
 import html
+import importlib.metadata
 import json
 from types import ModuleType
 from typing import Any
@@ -17,12 +18,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import __version__
 from ..protocol import Limits
 from ..protocol.schema import request_schema
 from ..settings import WebSettings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _version() -> str:
+    # Not imagebus.__version__: the web role may not import the package's top.
+    try:
+        return importlib.metadata.version("imagebus")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 _JSON_OBJECT = {"type": "object"}
 
 
@@ -145,7 +155,7 @@ def document(settings: WebSettings, modules: list[ModuleType]) -> dict[str, Any]
         "openapi": "3.1.0",
         "info": {
             "title": "imagebus",
-            "version": __version__,
+            "version": _version(),
             "description": "A distributed text-to-image pool over NATS: the web role's API.",
         },
         "paths": paths,
