@@ -176,12 +176,14 @@ async def cancel_job(request: Request) -> Response:
 
 
 async def _cancel_elsewhere(client: ImageBusClient, job_id: str) -> JobStatus:
-    """Cancel a job submitted elsewhere; one just accepted may have no record yet (they
-    are written behind), so `not_found` is believed only after RECORD_LAG_S."""
+    """Cancel a job submitted elsewhere (only an admin gets here), as an admin on the bus:
+    this process holds no owner's proof for it, so its NATS user must be allowed to
+    publish on imagebus.admin.cancel (docs/web.md). One just accepted may have no record
+    yet (they are written behind), so `not_found` is believed only after RECORD_LAG_S."""
     deadline = asyncio.get_running_loop().time() + RECORD_LAG_S
     while True:
         try:
-            return await client.cancel_job(job_id, timeout=None)
+            return await client.cancel_job(job_id, timeout=None, admin=True)
         except ImageBusError as exc:
             if exc.code != "not_found" or asyncio.get_running_loop().time() > deadline:
                 raise

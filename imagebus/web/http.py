@@ -18,6 +18,7 @@ from .auth import ApiError
 # The client's error codes and the HTTP status each becomes (others: 502).
 _STATUS_OF_CODE = {
     "not_found": 404,
+    "not_owner": 403,
     "invalid_request": 422,
     "no_orchestrator": 503,
     "queue_full": 503,
