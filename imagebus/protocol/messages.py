@@ -312,6 +312,27 @@ class CapacityNotice:
     free_seq: int = 0  # see AssignmentRefused.free_seq
 
 
+@dataclass(frozen=True, slots=True)
+class AdoptionCall:
+    """Broadcast to every worker by an orchestrator that takes over a job whose
+    orchestrator died: the job's tasks still running report and send heartbeats to
+    these subjects from now on, so they are not made again. Every worker answers."""
+
+    job_id: str
+    orchestrator_id: str
+    report_subject: str
+    heartbeat_subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionAnswer:
+    """A worker's answer to an AdoptionCall: the job's tasks it runs, now adopted
+    (none: it runs none, and says so, so the caller need not wait for it)."""
+
+    worker_id: str
+    indexes: list[int] = field(default_factory=list)
+
+
 # --- events for native requesters ------------------------------------------------
 
 

@@ -53,6 +53,9 @@ RESULTS_SUBJECTS = "imagebus.results.>"
 CANCEL_SUBJECT = "imagebus.cancel"
 # Workers announce here whenever a slot frees, so saturated recruitments wake up.
 CAPACITY_SUBJECT = "imagebus.capacity"
+# An orchestrator taking over a dead one's job asks every worker here which of its
+# tasks it runs, and has them report to it instead (an AdoptionCall; no queue group).
+WORKER_ADOPT_SUBJECT = "imagebus.workers.adopt"
 
 # The server's own answer on a reply subject when no one listens on the request's.
 HEADER_STATUS = "Status"

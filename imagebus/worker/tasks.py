@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import Dialect, TaskAssignment
+from ..protocol import Dialect, TaskAssignment, TaskHeartbeat
 from .batching import Queued
 
 
@@ -42,8 +42,15 @@ class RunningTask:
     run: asyncio.Task[None] | None = None
     queued: Queued | None = None  # its image in the batcher: says when its batch began
     dialect: Dialect = field(init=False)
+    # Where its report and heartbeats go: the assigning orchestrator's subjects, or
+    # those of one that adopted it when that one died (adoption.py).
+    report_subject: str = field(init=False)
+    heartbeat_subject: str = field(init=False)
+    reported: bool = False  # its report is out: too late to adopt it
 
     def __post_init__(self) -> None:
+        self.report_subject = self.assignment.report_subject
+        self.heartbeat_subject = self.assignment.heartbeat_subject
         try:
             self.dialect = Dialect(self.assignment.dialect)
         except ValueError:
@@ -54,6 +61,14 @@ class RunningTask:
         """Whether its image is being made right now: its batch has begun, and the
         image is not rendered yet (a step that does not advance then means a stall)."""
         return self.generating and self.queued is not None and self.queued.began
+
+    def heartbeat(self, worker_id: str, step_s: float) -> TaskHeartbeat:
+        """Its heartbeat: its step, and the yardstick for its progress (whether its
+        image is being made, and `step_s`, the model's measured seconds per step)."""
+        a = self.assignment
+        return TaskHeartbeat(
+            a.job_id, a.index, worker_id, self.step, a.params.steps, self.making_image, step_s
+        )
 
     def cancel(self, *, reassigned: bool = False) -> None:
         """Stop making the image at the next step; the run still reports it cancelled."""
