@@ -138,6 +138,7 @@ class Dispatcher:
                 await self.fail_task(job, index, failure)
         finally:
             self.waiting.pop((job.job_id, index), None)
+            self.watches.pop((job.job_id, index), None)  # an adopted one never attempted
 
     async def _dispatch(self, job: RunningJob, index: int, adopted_by: str | None) -> None:
         task = self._start(job, index)
