@@ -8,6 +8,10 @@ Flow of one image (a *task*; a *job* is one request of n images):
                                                     back only if the worker refuses)
     worker --> requester inbox                     (TaskAssigned, TaskProgress..., TaskResult)
     worker --orchestrator.<id>.report-->           (TaskReport, no image bytes)
+
+Taking over a dead orchestrator's job, another asks every worker for its tasks:
+
+    orchestrator --imagebus.workers.adopt--> workers (AdoptionCall -> AdoptionAnswer)
 """
 
 from __future__ import annotations
