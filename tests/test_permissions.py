@@ -13,7 +13,7 @@ from nats.aio.client import Client
 from imagebus.db import Database
 from imagebus.embedded import NatsServer, free_port
 from imagebus.orchestrator import Orchestrator
-from imagebus.protocol import control, encode
+from imagebus.protocol import AdoptionAnswer, AdoptionCall, control, decode, encode
 from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
@@ -75,6 +75,11 @@ async def test_every_role_works_within_its_permissions(
             assert [w.advert.worker_id for w in await client.workers()] == ["gpu-1"]
             assert len(await client.orchestrator_stats()) == 1
             assert "properties" in await client.schema()
+            # An adoption call reaches the worker, whose answer comes back (it runs none).
+            assert orchestrator.nc is not None
+            call = AdoptionCall(job_id, orchestrator.id, "imagebus.orchestrator.x.report", "")
+            answer = await orchestrator.nc.request(s.WORKER_ADOPT_SUBJECT, encode(call), 5)
+            assert decode(AdoptionAnswer, answer.data) == AdoptionAnswer("gpu-1", [])
             # A cancellation goes out (of a job already done: nothing to stop).
             await job.cancel()
             assert await orchestrator.settle(SETTLE_S)
@@ -125,6 +130,9 @@ async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
         # Nor does it administer: only admins (and orchestrators) may.
         await alice.publish(s.ADMIN_BLACKLIST_SUBJECT, b"", reply="_INBOX.alice.x")
         assert await _refused(alice, alice_errors, f'Publish to "{s.ADMIN_BLACKLIST_SUBJECT}"')
+        # Nor may it (or a worker) take over another's tasks with an adoption call.
+        await alice.publish(s.WORKER_ADOPT_SUBJECT, b"", reply="_INBOX.alice.x")
+        assert await _refused(alice, alice_errors, f'Publish to "{s.WORKER_ADOPT_SUBJECT}"')
         # A worker takes no other worker's assignments and reads no requester's inbox.
         others = s.worker_assign_subject("gpu-2")
         await worker.subscribe(others)
@@ -137,6 +145,8 @@ async def test_what_a_role_must_not_do_is_refused(server: NatsServer) -> None:
         assert await _refused(worker, worker_errors, f'Publish to "{s.INTAKE_PULL_SUBJECT}"')
         await worker.publish(s.ADMIN_BLACKLIST_SUBJECT, b"", reply="_INBOX.gpu-1.x")
         assert await _refused(worker, worker_errors, f'Publish to "{s.ADMIN_BLACKLIST_SUBJECT}"')
+        await worker.publish(s.WORKER_ADOPT_SUBJECT, b"", reply="_INBOX.gpu-1.x")
+        assert await _refused(worker, worker_errors, f'Publish to "{s.WORKER_ADOPT_SUBJECT}"')
         # It holds its own worker id, and cannot take, free or read another's.
         other_key = s.worker_id_key_subject("gpu-2")
         await worker.publish(other_key, b"x", reply="_INBOX.gpu-1.x")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from nats.js.api import StreamConfig
 
-from imagebus.protocol import ImageParams, PubAck, TaskAssignment, parse_pub_ack
+from imagebus.protocol import AdoptionCall, ImageParams, PubAck, TaskAssignment, parse_pub_ack
 from imagebus.protocol import subjects as s
+from imagebus.worker.adoption import adopt
 from imagebus.worker.slots import Slots
 from imagebus.worker.tasks import RunningTask
 
@@ -47,6 +49,24 @@ def test_a_slot_is_held_while_generating_and_deliveries_count_beyond_a_bound() -
     slots.finished(rendered=False)  # it ended before its image
     assert (slots.free, slots.generating, slots.peak_generating) == (1, 0, 1)
     assert slots.next_free_seq() < slots.next_free_seq()
+
+
+def test_an_adoption_call_moves_the_named_jobs_tasks_not_yet_reported() -> None:
+    """Its tasks' reports and heartbeats go to the adopting orchestrator from then on;
+    a task whose report is out already stays as it was (the caller re-sends its kept
+    image instead), and other jobs' tasks are left alone."""
+    running = [RunningTask(replace(_assignment("job-a"), index=i)) for i in range(3)]
+    running.append(RunningTask(_assignment("job-b")))
+    running[1].reported = True
+    call = AdoptionCall("job-a", "o-2")
+    assert adopt(running, call, "w-1") == [0, 2]
+    moved = (s.report_subject("o-2", "w-1"), s.heartbeat_subject("o-2", "w-1"))
+    assert [(task.report_subject, task.heartbeat_subject) for task in running] == [
+        moved,
+        ("report", ""),
+        moved,
+        ("report", ""),
+    ]
 
 
 async def test_aborting_one_running_task_leaves_the_others_running() -> None:

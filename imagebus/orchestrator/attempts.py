@@ -89,3 +89,6 @@ class TaskRun:
     heard_lately: bool = True  # whether the free-slot view can be trusted to say "all busy"
     handed: str | None = None  # a slot handed to this task while it waited
     was_in_line: bool = False  # it waited already: if it must wait again, it goes first
+    # The worker that runs it already, for an orchestrator that died (adoption.py): its
+    # first attempt here watches it there instead of recruiting one.
+    adopted_by: str | None = None

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
@@ -48,6 +49,7 @@ from ..protocol import (
 )
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
+from .adoption import adopted_offer
 from .attempts import AttemptOutcome, Next, TaskFailure, TaskRun, classify, says_worker_works
 from .cancels import tell_worker
 from .capacity import CapacitySignal
@@ -95,16 +97,23 @@ class Dispatcher:
             recruit_timeout_s=settings.recruit_timeout_s,
         )
 
-    async def run_job(self, job: RunningJob, indexes: Sequence[int] | None = None) -> None:
+    async def run_job(
+        self,
+        job: RunningJob,
+        indexes: Sequence[int] | None = None,
+        adopted: Mapping[int, str] | None = None,
+    ) -> None:
         """Run the job's tasks (`indexes`, by default all) until each is answered or the
-        job times out."""
+        job times out. Those `adopted` (adoption.py) run on a worker already, by index:
+        they are watched there first."""
+        adopted = adopted or {}
         try:
             async with asyncio.timeout(job.request.job_timeout_s):
                 if indexes is None and job.request.n == 1:
                     await self.run_task(job, 0)  # no task of its own: the common case
                 else:
                     todo = range(job.request.n) if indexes is None else indexes
-                    await asyncio.gather(*(self.run_task(job, i) for i in todo))
+                    await asyncio.gather(*(self.run_task(job, i, adopted.get(i)) for i in todo))
         except TimeoutError:  # the images' coroutines have been cancelled
             await self._end_job_on_timeout(job)
 
@@ -121,10 +130,11 @@ class Dispatcher:
                 await self.fail_task(job, index, TaskFailure(error, ErrorCode.JOB_TIMEOUT))
         self._log.warning("job timed out", job_id=job.job_id, unanswered=unanswered)
 
-    async def run_task(self, job: RunningJob, index: int) -> None:
-        """Recruit, assign and watch one image until it is answered, one way or another."""
+    async def run_task(self, job: RunningJob, index: int, adopted_by: str | None = None) -> None:
+        """Recruit, assign and watch one image until it is answered, one way or another
+        (watch it on `adopted_by` first, the worker that runs it already, if given)."""
         try:
-            await self._dispatch(job, index)
+            await self._dispatch(job, index, adopted_by)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must still answer the requester, and say so
@@ -134,10 +144,13 @@ class Dispatcher:
                 await self.fail_task(job, index, failure)
         finally:
             self.waiting.pop((job.job_id, index), None)
+            self.watches.pop((job.job_id, index), None)  # an adopted one never attempted
 
-    async def _dispatch(self, job: RunningJob, index: int) -> None:
+    async def _dispatch(self, job: RunningJob, index: int, adopted_by: str | None) -> None:
         task = self._start(job, index)
-        unfit = self.registry.unfit_everywhere(task.call, self._blacklisted())
+        task.adopted_by = adopted_by
+        blacklisted = self._blacklisted()
+        unfit = None if adopted_by else self.registry.unfit_everywhere(task.call, blacklisted)
         if unfit is not None:
             # No registered worker could ever take it: say so now, not after a wait.
             task.log.warning("task failed: no fitting worker", error=unfit)
@@ -147,9 +160,13 @@ class Dispatcher:
             if job.cancelled:
                 failure = TaskFailure(job.cancel_reason, ErrorCode.CANCELLED)
                 break
-            round_ = await self.recruiter.find_worker(
-                task.call, trust_view=task.heard_lately, handed=task.handed, avoid=self._avoid(task)
-            )
+            if task.adopted_by is not None:  # it runs there already: watched, not recruited
+                round_ = RecruitRound(adopted_offer(task.adopted_by), 0, Counter())
+            else:
+                round_ = await self.recruiter.find_worker(
+                    task.call, trust_view=task.heard_lately, handed=task.handed,
+                    avoid=self._avoid(task),
+                )  # fmt: skip
             task.handed = None
             task.asks += round_.asks
             if round_.asks:  # not a wait the pool view advised (no ask made)
@@ -283,15 +300,24 @@ class Dispatcher:
         key = (job.job_id, task.index)
         self.waiting.pop(key, None)
         self.registry.breaker.assigned(offer.worker_id)
-        watch = Watch(offer.worker_id, task.assignments, asyncio.get_running_loop().create_future())
+        # An adopted task's watch was set up when its worker answered (adoption.py).
+        adopted, task.adopted_by = self.watches.get(key) if task.adopted_by else None, None
+        watch = adopted or Watch(
+            offer.worker_id, task.assignments, asyncio.get_running_loop().create_future()
+        )
         self.watches[key] = watch  # before assigning: a fast worker may report at once
         log = task.log.bind(worker_id=offer.worker_id)
         started_at = datetime.now(UTC)
         try:
-            await self._assign(task, offer, watch.attempt, started_at)
-            log.info("task assigned", attempts=task.asks, attempt=watch.attempt)
+            if adopted is None:
+                await self._assign(task, offer, watch.attempt, started_at)
+            else:  # its worker makes it already: only its record changes hands
+                self._record(TaskUpdate(job.job_id, task.index, TaskState.RUNNING,
+                                        worker_id=offer.worker_id))  # fmt: skip
+            log.info("task adopted" if adopted is not None else "task assigned",
+                     attempts=task.asks, attempt=watch.attempt)  # fmt: skip
             timeout = job.request.task_timeout_s or self.settings.task_timeout_s
-            outcome, report = await self._watch(watch, timeout)
+            outcome, report = await watch.until_ended(timeout, self.settings)
         except BaseException:  # cancelled (its job timed out, say): no verdict on the worker
             self.registry.breaker.ended(offer.worker_id)
             raise
@@ -393,31 +419,6 @@ class Dispatcher:
                     error_code=report.code,
                 )
             )
-
-    async def _watch(
-        self, watch: Watch, task_timeout: float
-    ) -> tuple[AttemptOutcome, TaskReport | AssignmentRefused | None]:
-        deadline = time.monotonic() + task_timeout
-        heartbeat_timeout = self.settings.heartbeat_timeout_s
-        while True:
-            check_in = min(heartbeat_timeout / 2, max(deadline - time.monotonic(), 0))
-            try:
-                async with asyncio.timeout(check_in):
-                    report = await asyncio.shield(watch.report)
-            except TimeoutError:
-                now = time.monotonic()
-                if now >= deadline:
-                    return AttemptOutcome.TIMEOUT, None
-                if now - watch.last_heartbeat > heartbeat_timeout:
-                    return AttemptOutcome.LOST, None
-                if watch.stalled(now, self.settings.stall_factor, self.settings.stall_floor_s):
-                    return AttemptOutcome.STALLED, None
-                continue
-            if isinstance(report, AssignmentRefused):
-                return AttemptOutcome.REFUSED, report
-            if report.code == ErrorCode.CANCELLED:
-                return AttemptOutcome.CANCELLED, report
-            return (AttemptOutcome.DONE if report.ok else AttemptOutcome.FAILED), report
 
     async def fail_task(self, job: RunningJob, index: int, failure: TaskFailure) -> None:
         """Answer the requester that the image failed, and record it."""

@@ -20,10 +20,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
-from structlog.typing import FilteringBoundLogger
 
 from ..connections import BusUnavailable, connect
-from ..db import AttemptRecord, BlacklistCache, Database, JobRecorder, Record, TaskUpdate
+from ..db import AttemptRecord, BlacklistCache, Database, JobRecorder, Record
 from ..logs import get_logger
 from ..looplag import LoopLag
 from ..metrics import MetricsServer
@@ -37,8 +36,6 @@ from ..protocol import (
     RequestError,
     TaskHeartbeat,
     TaskReport,
-    TaskResult,
-    TaskState,
     WorkerAdvert,
     decode,
     decode_request,
@@ -57,7 +54,7 @@ from .capacity import CapacitySignal
 from .control import ControlPlane
 from .dispatch import Dispatcher
 from .figures import PoolFigures
-from .handoff import kept_images
+from .handoff import take_over
 from .intake import Intake, IntakeLimits, redelivered
 from .jobs import CancelledInboxes, RunningJob, seeds_for
 from .metrics import serve_metrics
@@ -386,46 +383,20 @@ class Orchestrator:
             # longer than the ack wait): the first copy goes on serving it.
             log.warning("request redelivered while still being served here; ignored")
             return
-        assert self.dispatcher is not None
+        assert self.dispatcher is not None and self.nc is not None
         self._running_jobs[job.job_id] = job
         try:
-            # Served before (its orchestrator died, say): make only what is not kept.
-            indexes = await self._take_over(job, log) if redelivered(msg) else None
-            await self.dispatcher.run_job(job, indexes)
+            if redelivered(msg):  # served before (its orchestrator died, say)
+                left = await take_over(
+                    self.nc, job, self.id, [w.worker_id for w in self.registry.live()],
+                    self._watches, self._send, self._record, log,
+                )  # fmt: skip
+                await self.dispatcher.run_job(job, left.indexes, left.adopted)
+            else:
+                await self.dispatcher.run_job(job)
         finally:
             del self._running_jobs[job.job_id]
         log.info("job finished")
-
-    async def _take_over(self, job: RunningJob, log: FilteringBoundLogger) -> list[int]:
-        """A job served before: send the images its workers made (kept in the results
-        stream) to the requester again, record them as done, and return the indexes
-        still to be made. The requester's Job handle drops copies it already has."""
-        assert self.nc is not None
-        try:
-            kept = await kept_images(self.nc, job.job_id)
-        except Exception as exc:  # no results stream, say: make them all again
-            log.warning("kept images not readable; making every image", error=repr(exc))
-            kept = {}
-        params = job.request.params
-        for index, png in kept.items():
-            if not 0 <= index < job.request.n:
-                continue
-            result = TaskResult(
-                job.job_id, index, ok=True, seed=job.seeds[index], png=png,
-                width=params.width, height=params.height,
-            )  # fmt: skip
-            _, messages = events.result_messages(
-                job.dialect, job.inbox, result, self.nc.max_payload, job.event_key
-            )
-            for out in messages:
-                await self._send(out)
-            job.answered.add(index)
-            self._record(
-                TaskUpdate(job.job_id, index, TaskState.DONE, finished_at=datetime.now(UTC))
-            )
-        missing = [i for i in range(job.request.n) if i not in job.answered]
-        log.info("job taken over", images_kept=len(job.answered), images_to_make=len(missing))
-        return missing
 
     # --- helpers -------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import AssignmentRefused, TaskHeartbeat, TaskReport
+from ..protocol import AssignmentRefused, ErrorCode, TaskHeartbeat, TaskReport
+from ..settings import OrchestratorSettings
+from .attempts import AttemptOutcome
 
 
 @dataclass
@@ -74,3 +76,30 @@ class Watch:
         else:
             limit = max(floor_s, factor * pace)
         return now - self.progress_at > limit
+
+    async def until_ended(
+        self, task_timeout: float, settings: OrchestratorSettings
+    ) -> tuple[AttemptOutcome, TaskReport | AssignmentRefused | None]:
+        """Wait for the task's report (or refusal) until its worker is lost, stalls or
+        overruns `task_timeout`: how the attempt ended, and the report if one came."""
+        deadline = time.monotonic() + task_timeout
+        heartbeat_timeout = settings.heartbeat_timeout_s
+        while True:
+            check_in = min(heartbeat_timeout / 2, max(deadline - time.monotonic(), 0))
+            try:
+                async with asyncio.timeout(check_in):
+                    report = await asyncio.shield(self.report)
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= deadline:
+                    return AttemptOutcome.TIMEOUT, None
+                if now - self.last_heartbeat > heartbeat_timeout:
+                    return AttemptOutcome.LOST, None
+                if self.stalled(now, settings.stall_factor, settings.stall_floor_s):
+                    return AttemptOutcome.STALLED, None
+                continue
+            if isinstance(report, AssignmentRefused):
+                return AttemptOutcome.REFUSED, report
+            if report.code == ErrorCode.CANCELLED:
+                return AttemptOutcome.CANCELLED, report
+            return (AttemptOutcome.DONE if report.ok else AttemptOutcome.FAILED), report

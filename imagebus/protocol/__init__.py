@@ -10,6 +10,8 @@ from .jetstream import parse_pub_ack as parse_pub_ack
 from .messages import (
     FINAL_JOB_STATES,
     FINAL_TASK_STATES,
+    AdoptionAnswer,
+    AdoptionCall,
     AssignmentRefused,
     CapacityNotice,
     Dialect,
@@ -62,6 +64,8 @@ __all__ = [
     "FINAL_JOB_STATES",
     "FINAL_TASK_STATES",
     "PRESETS",
+    "AdoptionAnswer",
+    "AdoptionCall",
     "AssignmentRefused",
     "CapacityNotice",
     "Dialect",

@@ -8,6 +8,10 @@ Flow of one image (a *task*; a *job* is one request of n images):
                                                     back only if the worker refuses)
     worker --> requester inbox                     (TaskAssigned, TaskProgress..., TaskResult)
     worker --orchestrator.<id>.report-->           (TaskReport, no image bytes)
+
+Taking over a dead orchestrator's job, another asks every worker for its tasks:
+
+    orchestrator --imagebus.workers.adopt--> workers (AdoptionCall -> AdoptionAnswer)
 """
 
 from __future__ import annotations
@@ -335,6 +339,26 @@ class CapacityNotice:
     free_slots: int
     free_seq: int = 0  # see AssignmentRefused.free_seq
     instance: str = ""  # see AssignmentRefused.instance
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionCall:
+    """Broadcast to every worker by an orchestrator that takes over a job whose
+    orchestrator died: the job's tasks still running send their reports and heartbeats
+    to this orchestrator from now on (on its subjects naming the worker's id), so they
+    are not made again. Every worker answers."""
+
+    job_id: str
+    orchestrator_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionAnswer:
+    """A worker's answer to an AdoptionCall: the job's tasks it runs, now adopted
+    (none: it runs none, and says so, so the caller need not wait for it)."""
+
+    worker_id: str
+    indexes: list[int] = field(default_factory=list)
 
 
 # --- events for native requesters ------------------------------------------------

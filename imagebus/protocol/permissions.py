@@ -59,6 +59,7 @@ def worker_permissions(worker_id: str) -> Permissions:
             _inboxes(worker_id),
             _everything_under(s.worker_prefix(worker_id)),  # assignments, cancels...
             s.RECRUIT_SUBJECT,
+            s.WORKER_ADOPT_SUBJECT,  # an orchestrator taking over a dead one's job
         ),
         allow_responses=True,
     )

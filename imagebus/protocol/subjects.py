@@ -69,6 +69,9 @@ CANCEL_SUBJECT = "imagebus.cancel"
 # Workers announce whenever a slot frees, so saturated recruitments wake up: on this
 # prefix followed by their id (capacity_subject).
 CAPACITY_SUBJECT = "imagebus.capacity"
+# An orchestrator taking over a dead one's job asks every worker here which of its
+# tasks it runs, and has them report to it instead (an AdoptionCall; no queue group).
+WORKER_ADOPT_SUBJECT = "imagebus.workers.adopt"
 
 # The server's own answer on a reply subject when no one listens on the request's.
 HEADER_STATUS = "Status"

@@ -48,6 +48,7 @@ from ..protocol import subjects as s
 from ..protocol.events import Outbound
 from ..protocol.routing import unfit_reason
 from ..settings import WorkerSettings
+from .adoption import Adoptions
 from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, NoopEngine, load_engine
@@ -131,6 +132,9 @@ class Worker:
             await self.nc.subscribe(s.worker_release_subject(self.id), cb=self._on_release),
             await self.nc.subscribe(s.worker_assign_subject(self.id), cb=self._on_assign),
             await self.nc.subscribe(s.worker_cancel_subject(self.id), cb=self._on_cancel),
+            await self.nc.subscribe(
+                s.WORKER_ADOPT_SUBJECT, cb=Adoptions(self.nc, self.id, self._running).on_call
+            ),
             await self.nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=self._on_recruit),
         ]
         await self.nc.flush()
@@ -277,9 +281,9 @@ class Worker:
             beats += 1
             try:
                 for running in list(self._running.values()):
-                    if running.assignment.heartbeat_subject and self.nc is not None:
+                    if running.heartbeat_subject and self.nc is not None:
                         beat = self._heartbeat(running)
-                        await self.nc.publish(running.assignment.heartbeat_subject, encode(beat))
+                        await self.nc.publish(running.heartbeat_subject, encode(beat))
                 if beats % every == 0:
                     await self._advertise()
                 if self._delivery is not None:
@@ -288,14 +292,8 @@ class Worker:
                 self._log.warning("heartbeat failed", error=repr(exc))
 
     def _heartbeat(self, running: RunningTask) -> TaskHeartbeat:
-        """A task's heartbeat: its step, and the yardstick for its progress (whether its
-        image is being made, and this model's measured seconds per step)."""
-        a = running.assignment
-        engine = self.engines.get(a.params.model or "", self.default_engine)
-        step_s = self._batchers[engine.model].seconds_per_step
-        return TaskHeartbeat(
-            a.job_id, a.index, self.id, running.step, a.params.steps, running.making_image, step_s
-        )
+        engine = self.engines.get(running.assignment.params.model or "", self.default_engine)
+        return running.heartbeat(self.id, self._batchers[engine.model].seconds_per_step)
 
     # --- bus callbacks -------------------------------------------------------------
 
@@ -458,8 +456,9 @@ class Worker:
                     assignment, self.id, "worker shutting down", ErrorCode.WORKER_LOST, Fault.WORKER
                 )
                 report = report_of(aborted, self.id, time.monotonic() - running.started)
+                running.reported = True
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(assignment.report_subject, encode(report))
+                    await self.nc.publish(running.report_subject, encode(report))
             raise
         except Exception:
             self._log.exception("task ended badly", job_id=assignment.job_id)
@@ -500,9 +499,8 @@ class Worker:
             self._seconds_total += seconds
         else:
             self.failures += 1
-        await self.nc.publish(
-            assignment.report_subject, encode(report_of(result, self.id, seconds))
-        )
+        running.reported = True  # from here on, an orchestrator adopting it would wait in vain
+        await self.nc.publish(running.report_subject, encode(report_of(result, self.id, seconds)))
         log.info("task finished", ok=result.ok, seconds=round(seconds, 3), error=result.error)
 
     # --- sending ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import Dialect, TaskAssignment
+from ..protocol import Dialect, TaskAssignment, TaskHeartbeat
 from ..protocol.auth import EventKey
 from .batching import Queued
 
@@ -46,8 +46,15 @@ class RunningTask:
     # What this task's events to the requester are MACed with (None: a requester
     # without a job secret, whose events go unauthenticated).
     event_key: EventKey | None = field(init=False)
+    # Where its report and heartbeats go: the assigning orchestrator's subjects, or
+    # those of one that adopted it when that one died (adoption.py).
+    report_subject: str = field(init=False)
+    heartbeat_subject: str = field(init=False)
+    reported: bool = False  # its report is out: too late to adopt it
 
     def __post_init__(self) -> None:
+        self.report_subject = self.assignment.report_subject
+        self.heartbeat_subject = self.assignment.heartbeat_subject
         try:
             self.dialect = Dialect(self.assignment.dialect)
         except ValueError:
@@ -60,6 +67,14 @@ class RunningTask:
         """Whether its image is being made right now: its batch has begun, and the
         image is not rendered yet (a step that does not advance then means a stall)."""
         return self.generating and self.queued is not None and self.queued.began
+
+    def heartbeat(self, worker_id: str, step_s: float) -> TaskHeartbeat:
+        """Its heartbeat: its step, and the yardstick for its progress (whether its
+        image is being made, and `step_s`, the model's measured seconds per step)."""
+        a = self.assignment
+        return TaskHeartbeat(
+            a.job_id, a.index, worker_id, self.step, a.params.steps, self.making_image, step_s
+        )
 
     def cancel(self, *, reassigned: bool = False) -> None:
         """Stop making the image at the next step; the run still reports it cancelled."""
