@@ -16,6 +16,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from imagebus.protocol import TaskReport, decode
+from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient
 
 from .conftest import Stack
@@ -112,8 +113,8 @@ async def test_images_still_being_made_when_their_orchestrator_dies_are_adopted_
     async def on_adoption_call(_msg: Msg) -> None:
         adoption_calls.append(time.monotonic())
 
-    await watcher.subscribe("imagebus.orchestrator.*.report", cb=on_report)
-    await watcher.subscribe("imagebus.workers.adopt", cb=on_adoption_call)
+    await watcher.subscribe(s.report_subject("*"), cb=on_report)
+    await watcher.subscribe(s.WORKER_ADOPT_SUBJECT, cb=on_adoption_call)
     assigned: set[int] = set()
     try:
         async with ImageBusClient(stack.nats_url) as client:
