@@ -77,7 +77,7 @@ async def test_every_role_works_within_its_permissions(
             assert "properties" in await client.schema()
             # An adoption call reaches the worker, whose answer comes back (it runs none).
             assert orchestrator.nc is not None
-            call = AdoptionCall(job_id, orchestrator.id, "imagebus.orchestrator.x.report", "")
+            call = AdoptionCall(job_id, orchestrator.id)
             answer = await orchestrator.nc.request(s.WORKER_ADOPT_SUBJECT, encode(call), 5)
             assert decode(AdoptionAnswer, answer.data) == AdoptionAnswer("gpu-1", [])
             # A cancellation goes out (of a job already done: nothing to stop).
