@@ -14,6 +14,7 @@ import pytest
 from imagebus.embedded import NatsServer, free_port
 from imagebus.protocol import ResultChunk, TaskAssigned, TaskResult, encode
 from imagebus.protocol import subjects as s
+from imagebus.protocol.auth import EventKey, assignment_key
 from imagebus.requester import ImageBusClient, ImageBusError, Job
 from imagebus.worker.engine import DiffusionEngine
 
@@ -135,16 +136,32 @@ async def test_result_copies_after_a_reconnect_are_handed_over_once(stack: Stack
                 "j1", 0, ok=True, seed=1, worker_id="w1", width=64, height=64, chunks=3,
                 size=len(png), sha256=hashlib.sha256(png).hexdigest(),
             )  # fmt: skip
+            # Signed as the assigned worker signs them (its assignment's key), or the
+            # client would drop them unheard (docs/event-authentication.md).
+            assert job.secret is not None
+            key = EventKey(assignment_key(job.secret, "j1", 0, 1), attempt=1)
+
+            def signed(kind: str, payload: bytes) -> dict[str, str]:
+                return key.headers(kind, "j1", 0, payload)
+
             for _ in range(2):
                 told = encode(TaskAssigned("j1", 0, "w1"))
-                await worker.publish(f"{job.inbox}.{s.EVENT_ASSIGNED}", told)
+                await worker.publish(
+                    f"{job.inbox}.{s.EVENT_ASSIGNED}", told, headers=signed(s.EVENT_ASSIGNED, told)
+                )
 
             async def send_copy(seqs: list[int]) -> bool:
                 for seq in seqs:
-                    chunk = ResultChunk("j1", 0, seq, parts[seq])
-                    await worker.publish(f"{job.inbox}.{s.EVENT_CHUNK}", encode(chunk))
+                    chunk = encode(ResultChunk("j1", 0, seq, parts[seq]))
+                    await worker.publish(
+                        f"{job.inbox}.{s.EVENT_CHUNK}", chunk, headers=signed(s.EVENT_CHUNK, chunk)
+                    )
+                result = encode(head)
                 try:
-                    await worker.request(f"{job.inbox}.{s.EVENT_RESULT}", encode(head), timeout=1)
+                    await worker.request(
+                        f"{job.inbox}.{s.EVENT_RESULT}", result, timeout=1,
+                        headers=signed(s.EVENT_RESULT, result),
+                    )  # fmt: skip
                     return True
                 except Exception:
                     return False
