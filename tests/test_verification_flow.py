@@ -17,7 +17,7 @@ import pytest
 from imagebus.db import TrustStore
 from imagebus.orchestrator import Orchestrator
 from imagebus.protocol import TaskResult, decode
-from imagebus.requester import ImageBusClient, ImageBusError
+from imagebus.requester import GeneratedImage, ImageBusClient, ImageBusError
 
 from .conftest import Stack
 from .helpers import collect, raw_client, wait_for_workers
@@ -86,10 +86,12 @@ async def test_ten_forging_identities_are_blacklisted_within_probation(stack: St
         trusted_only_from: Counter[str] = Counter()
         served_by: Counter[str] = Counter()
         corrections: list[TaskResult] = []
+        handed: list[GeneratedImage] = []  # what the client's Job handles were given
         started = time.monotonic()
 
         async def one_round() -> None:
             open_job = await client.submit("sybil round", n=8, **IMAGE)  # type: ignore[arg-type]
+            open_job.on_correction = handed.append  # keeps listening after wait()
             got, _ = await collect(listener, f"{open_job.inbox}.correction")
             strict = await client.submit("strict", n=2, trusted_only=True, **IMAGE)  # type: ignore[arg-type]
             for image in await strict.wait(120):
@@ -131,6 +133,11 @@ async def test_ten_forging_identities_are_blacklisted_within_probation(stack: St
         level, verified, strikes = rows[forger]
         assert level == "probation" and verified < probation and strikes >= 1
     assert corrections and all(c.ok and c.png and c.worker_id in honest for c in corrections)
+    # The client verified each (the orchestrator's MAC) and handed it to its job, which
+    # kept listening after wait() (the raw listener above stops at each round's end).
+    assert {(c.job_id, c.index) for c in corrections} <= {(i.job_id, i.index) for i in handed}
+    assert len(handed) == figures["corrections"]
+    assert all(image.worker_id in honest for image in handed)
     assert figures["forged"] >= len(forgers) and figures["verifier lied"] == 0
 
 

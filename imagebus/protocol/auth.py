@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from .subjects import (
     EVENT_ACCEPTED,
+    EVENT_CORRECTION,
     EVENT_REJECTED,
     HEADER_EVENT_ATTEMPT,
     HEADER_EVENT_MAC,
@@ -41,7 +42,9 @@ ORCHESTRATOR_ATTEMPT = 0
 _CONTEXT = b"imagebus-events-v1"
 _ATTEMPT_RE = re.compile(r"^[0-9]{1,9}$")
 # Events only the orchestrator may send: a worker's key cannot speak for the job.
-_JOB_EVENTS = frozenset({EVENT_ACCEPTED, EVENT_REJECTED})
+# Events only the orchestrator sends (a worker's key never makes them): a correction is
+# the verifier's image, sent by the orchestrator that verified the forged one.
+_JOB_EVENTS = frozenset({EVENT_ACCEPTED, EVENT_REJECTED, EVENT_CORRECTION})
 
 
 class AuthError(ValueError):

@@ -94,6 +94,8 @@ ProgressCallback = Callable[[Progress], None]
 AssignedCallback = Callable[[int, str], None]
 # Each image's result as it comes in (the first complete copy; failures too).
 ResultCallback = Callable[[TaskResult], None]
+# A verified image that replaces one a worker forged (docs/jobs.md#corrections).
+CorrectionCallback = Callable[["GeneratedImage"], None]
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Job:
     on_progress: ProgressCallback | None = None
     on_assigned: AssignedCallback | None = None
     on_result: ResultCallback | None = None
+    # Corrections come after the job is done (seconds later, once verified): a job with
+    # this callback keeps listening after `wait()`, until `close()` or its client closes.
+    on_correction: CorrectionCallback | None = None
+    corrections: dict[int, GeneratedImage] = field(default_factory=dict)
     _rejection: JobRejected | None = None
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _accepted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -168,7 +174,8 @@ class Job:
                 f"timed out after {timeout:g}s waiting for images {missing}", code="client_timeout"
             ) from None
         finally:
-            await self._unsubscribe()
+            if self.on_correction is None:
+                await self._unsubscribe()
         if self._rejection is not None:
             r = self._rejection
             raise ImageBusError(f"request rejected: {r.error}", code=r.code, field=r.field)
@@ -217,6 +224,8 @@ class Job:
                     parts.append(chunk.data)
             elif event == s.EVENT_RESULT:
                 await self._on_result(msg)
+            elif event == s.EVENT_CORRECTION:
+                self._on_correction(msg)
             elif event == s.EVENT_ASSIGNED:
                 assigned = decode(TaskAssigned, msg.data)
                 if not self._authentic(msg, event, assigned.job_id, assigned.index):
@@ -283,6 +292,23 @@ class Job:
             self.on_result(result)
         if len(self.results) == self.n:
             self._done.set()
+
+    def _on_correction(self, msg: Msg) -> None:
+        """The orchestrator's verified image in place of a forged one: kept in
+        `corrections` (the forged one stays in `results`, as it was handed out)."""
+        correction = decode(TaskResult, msg.data)
+        if not self._authentic(msg, s.EVENT_CORRECTION, correction.job_id, correction.index):
+            return
+        if not (correction.ok and correction.png and 0 <= correction.index < self.n):
+            return
+        image = self._image(correction)
+        self.corrections[correction.index] = image
+        if self.on_correction:
+            self.on_correction(image)
+
+    async def close(self) -> None:
+        """Stop listening for this job's events (corrections included)."""
+        await self._unsubscribe()
 
     async def _confirm(self, msg: Msg) -> None:
         if msg.reply and self._nc is not None:
