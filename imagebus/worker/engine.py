@@ -10,8 +10,10 @@ each from its own seed, so that it comes out as it would alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import os
@@ -24,6 +26,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..protocol import ImageParams
+from ..settings import WorkerSettings
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -379,3 +382,25 @@ def _from_pretrained(model: str, device: str) -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+async def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
+    """The worker's models by name, each loaded in a thread (the event loop stays free
+    to answer the bus while weights load)."""
+    engines: dict[str, Engine] = {}
+    for model in settings.model_names:
+        if model == NoopEngine.model:
+            engines[model] = NoopEngine(settings.noop_seconds)
+            continue
+        engines[model] = await asyncio.to_thread(
+            functools.partial(
+                load_engine,
+                model,
+                settings.device,
+                settings.torch_threads,
+                settings.runners,
+                channels_last=settings.channels_last,
+                compile_unet=settings.compile_unet,
+            )
+        )
+    return engines

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,7 @@ from ..settings import WorkerSettings
 from .adoption import Adoptions
 from .batching import Batcher, Queued
 from .delivery import COPY_ANSWER_WITHIN_S, Delivery
-from .engine import Engine, NoopEngine, load_engine
+from .engine import Engine, load_engines
 from .identity import IdClaim
 from .metrics import serve_metrics
 from .outcomes import failure, for_the_requester, report_of, result_of
@@ -151,27 +150,13 @@ class Worker:
 
     async def _load_engines(self) -> None:
         """Load the models not given to the constructor, and a batcher for each."""
-        runners = self.settings.runners
-        for model in self.settings.model_names if not self.engines else []:
-            if model == NoopEngine.model:
-                self.engines[model] = NoopEngine(self.settings.noop_seconds)
-                continue
-            self.engines[model] = await asyncio.to_thread(
-                functools.partial(
-                    load_engine,
-                    model,
-                    self.settings.device,
-                    self.settings.torch_threads,
-                    runners,
-                    channels_last=self.settings.channels_last,
-                    compile_unet=self.settings.compile_unet,
-                )
-            )
+        if not self.engines:
+            self.engines.update(await load_engines(self.settings))
         for model, engine in self.engines.items():
             self._batchers[model] = Batcher(
                 engine,
                 self._executor,
-                runners=runners,
+                runners=self.settings.runners,
                 max_batch=self.settings.max_batch,
                 window_s=self.settings.batch_window_ms / 1000,
                 on_rendered=self._announce_capacity,
