@@ -533,6 +533,14 @@ def web_section(report: Report, nats_server: NatsServer, postgres: Postgres, sca
     section(report, nats_server, postgres, scale)
 
 
+def verification_cost_section(
+    report: Report, nats_server: NatsServer, postgres: Postgres, scale: float
+) -> None:
+    from .verify_cost import verification_cost_section as section  # imports this module
+
+    section(report, nats_server, postgres, scale)
+
+
 SECTIONS = {
     "dispatch": dispatch_section,
     "throughput": throughput_section,
@@ -541,6 +549,7 @@ SECTIONS = {
     "gpu": gpu_section,
     "verification": verification_section,
     "web": web_section,
+    "verification-cost": verification_cost_section,
 }
 
 
