@@ -13,11 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..protocol import JobStatus, RequestError, validate_request
+from ..protocol import GenerateRequest, JobStatus, RequestError, validate_request
 from ..requester import ImageBusClient, ImageBusError
 from ..settings import WebSettings
 from . import sse
-from .auth import ApiError, check_rate, require_admin, require_token
+from .auth import ApiError, Caller, check_rate, require_admin, require_token
 from .http import bus_error, check_job_id, json_response, read_json
 from .jobs import JobTracker, Rejected, WebJob, image_path
 
@@ -39,6 +39,18 @@ def tracker_of(request: Request) -> JobTracker:
     return tracker
 
 
+async def submit(request: Request, caller: Caller, generate: GenerateRequest) -> WebJob:
+    """Submit a validated request for `caller`, within its rate limit; what the bus
+    answers as an error becomes the API's error (both endpoints that submit use this)."""
+    check_rate(request, caller)
+    try:
+        return await tracker_of(request).submit(generate, caller.key)
+    except ImageBusError as exc:
+        raise bus_error(exc) from None
+    except Rejected as rejected:
+        raise bus_error(rejected.error) from None
+
+
 async def submit_job(request: Request) -> Response:
     caller = require_token(request)
     settings: WebSettings = request.app.state.settings
@@ -49,13 +61,7 @@ async def submit_job(request: Request) -> Response:
         generate = validate_request(body, settings.limits)
     except RequestError as exc:
         raise ApiError(422, str(exc), "invalid_request", exc.field) from None
-    check_rate(request, caller)
-    try:
-        web = await tracker_of(request).submit(generate, caller.key)
-    except ImageBusError as exc:
-        raise bus_error(exc) from None
-    except Rejected as rejected:
-        raise bus_error(rejected.error) from None
+    web = await submit(request, caller, generate)
     job_id = web.job_id
     return json_response(
         {

@@ -24,9 +24,10 @@ from starlette.routing import BaseRoute, Route
 from ..protocol import RequestError, validate_request
 from ..requester import ImageBusClient, ImageBusError
 from ..settings import WebSettings
-from .auth import ApiError, check_rate, require_token
-from .http import bus_error, json_response, read_json
-from .jobs import JobTracker, Rejected, WebJob, image_path
+from .api import submit
+from .auth import ApiError, require_token
+from .http import json_response, read_json
+from .jobs import WebJob, image_path
 
 PREFIX = "/v1/images/"
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -110,14 +111,7 @@ async def generations(request: Request) -> Response:
         generate = validate_request(fields, settings.limits)
     except RequestError as exc:
         raise ApiError(400, str(exc), "invalid_request", exc.field) from None
-    check_rate(request, caller)
-    tracker: JobTracker = request.app.state.jobs
-    try:
-        web = await tracker.submit(generate, caller.key)
-    except ImageBusError as exc:
-        raise bus_error(exc) from None
-    except Rejected as rejected:
-        raise bus_error(rejected.error) from None
+    web = await submit(request, caller, generate)
     await _wait(web, settings.wait_s)
     created = int(time.time())
     return json_response({"created": created, "data": _images(request, web, response_format)})
