@@ -60,9 +60,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def process(*args: str, ready: bool = True) -> Iterator[subprocess.Popen[str]]:
-    """A child process; waits for it to print "ready" when `ready`."""
-    child = subprocess.Popen(args, env=QUIET, stdout=subprocess.PIPE, text=True)
+def process(
+    *args: str, ready: bool = True, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A child process (environment QUIET, or `env`); waits for it to print "ready"
+    when `ready`."""
+    child = subprocess.Popen(args, env=env or QUIET, stdout=subprocess.PIPE, text=True)
     try:
         if ready:
             assert child.stdout is not None

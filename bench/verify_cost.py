@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import Iterator
 
 from nats.aio.msg import Msg
@@ -25,7 +24,7 @@ from imagebus.protocol import TaskReport, decode
 from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient
 
-from .run import PYTHON, QUIET, Report, _wait_for_orchestrator, wait_for_workers
+from .run import PYTHON, QUIET, Report, _wait_for_orchestrator, process, wait_for_workers
 
 WORKERS = [f"verify-cost-{i}" for i in range(3)]
 VERIFY_REPORTS = "_INBOX.imagebus-verify.*.report"
@@ -40,22 +39,19 @@ def _pool(nats_url: str, database_url: str, sample: float) -> Iterator[None]:
         "IMAGEBUS_VERIFY_SAMPLE": str(sample),
         "IMAGEBUS_VERIFY_BUDGET": "0.05",
     }
-    orchestrator = [PYTHON, "-m", "imagebus", "orchestrator", "--nats-url", nats_url,
-                    "--database-url", database_url]  # fmt: skip
-    children = [subprocess.Popen(orchestrator, env=env, stdout=subprocess.DEVNULL)]
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            process(PYTHON, "-m", "imagebus", "orchestrator", "--nats-url", nats_url,
+                    "--database-url", database_url, ready=False, env=env)
+        )  # fmt: skip
         for worker_id in WORKERS:
-            worker = [PYTHON, "-m", "imagebus", "worker", "--worker_id", worker_id, "--model",
-                      "tiny", "--threads", "1", "--nats-url", nats_url]  # fmt: skip
-            children.append(subprocess.Popen(worker, env=QUIET, stdout=subprocess.DEVNULL))
+            stack.enter_context(
+                process(PYTHON, "-m", "imagebus", "worker", "--worker_id", worker_id,
+                        "--model", "tiny", "--threads", "1", "--nats-url", nats_url, ready=False)
+            )  # fmt: skip
         asyncio.run(_wait_for_orchestrator(nats_url))
         asyncio.run(wait_for_workers(nats_url, len(WORKERS)))
         yield
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(30)
 
 
 async def _measure(nats_url: str, images: int) -> tuple[float, float, int, int]:

@@ -22,7 +22,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import httpx
 import psutil
@@ -72,20 +72,10 @@ def web_section(report: Report, nats_server: NatsServer, postgres: Postgres, sca
     report.add("")
 
 
-@contextlib.contextmanager
-def _web(nats_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def _web(nats_url: str, port: int) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
     """`imagebus web` without a rate limit (the samples come back to back)."""
-    env = {**QUIET, "IMAGEBUS_WEB_RATE": "0"}
     args = [PYTHON, "-m", "imagebus", "web", "--nats-url", nats_url, "--port", str(port)]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
-    try:
-        yield child
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+    return process(*args, ready=False, env={**QUIET, "IMAGEBUS_WEB_RATE": "0"})
 
 
 Samples = dict[str, list[float]]
