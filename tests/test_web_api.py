@@ -142,6 +142,23 @@ async def test_rate_limit(stack: Stack, burst: int) -> None:
             assert (await http.get("/v1/workers")).status_code == 200
 
 
+async def test_past_keep_jobs_the_first_finished_jobs_are_forgotten(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    async with serve_web(stack.nats_url, keep_jobs=2) as web, web.http() as http:
+        ids = []
+        for prompt in ("a wren", "a robin", "a finch"):
+            job = (await http.post("/v1/jobs", json={"prompt": prompt, **TINY})).json()
+            assert (await read_events(http, job["events_url"]))[-1][1]["state"] == "done"
+            ids.append(job["job_id"])
+        tracker = web.app.state.jobs
+        assert [tracker.get(job_id) is not None for job_id in ids] == [False, True, True]
+        assert list(tracker._finished) == ids[1:]
+        assert tracker._finished_bytes == sum(tracker.get(i).image_bytes for i in ids[1:])
+        # The forgotten one is still served, from the bus.
+        assert (await http.get(f"/v1/jobs/{ids[0]}")).json()["state"] == "done"
+
+
 async def test_finished_jobs_past_the_memory_bound_are_served_from_the_bus(stack: Stack) -> None:
     await stack.start_orchestrator()
     await stack.start_worker()

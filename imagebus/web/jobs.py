@@ -4,9 +4,9 @@ had (replayed to every Server-Sent Events watcher, in order) and their images.
 The Python client's `Job` holds a job's events only in the process that submitted it,
 so `GET /v1/jobs/{id}/events` streams them for jobs submitted here; for other jobs
 (another web process behind a load balancer, the CLI) api.py polls the job's status
-instead. The last `keep_jobs` finished jobs are kept; older ones are served from the
-orchestrators (status) and the results stream (images). So are jobs past
-`keep_bytes` of images in all.
+instead. Finished jobs are kept while there are at most `keep_jobs` jobs and
+`keep_bytes` of finished jobs' images; past either, the first to have finished are
+forgotten, and served from the orchestrators (status) and the results stream (images).
 """
 
 from __future__ import annotations
@@ -196,6 +196,10 @@ class JobTracker:
         self.keep_bytes = keep_bytes
         self.wait_s = wait_s
         self.jobs: OrderedDict[str, WebJob] = OrderedDict()
+        # The finished jobs in the order they finished, with their images' bytes: what
+        # _forget_old drops first, without a pass over every job (it runs per job).
+        self._finished: OrderedDict[str, int] = OrderedDict()
+        self._finished_bytes = 0
         self._waiters: set[asyncio.Task[None]] = set()
 
     def get(self, job_id: str) -> WebJob | None:
@@ -231,7 +235,7 @@ class JobTracker:
             raise Rejected(web.error or ImageBusError("no orchestrator accepted the request"))
         web._say_accepted()
         self.jobs[web.job_id] = web
-        self._forget_old()
+        self._count_finished(web)
         return web
 
     async def _follow_to_end(self, web: WebJob) -> None:
@@ -241,16 +245,25 @@ class JobTracker:
         except ImageBusError as exc:  # GenerationFailed (some images failed) included
             error = exc
         web.finish(error)
+        self._count_finished(web)
+
+    def _count_finished(self, web: WebJob) -> None:
+        """A finished job that is kept becomes one _forget_old may drop (once: a job
+        may finish before submit() keeps it, and submit() calls this again)."""
+        if web.finished and web.job_id in self.jobs and web.job_id not in self._finished:
+            size = web.image_bytes
+            self._finished[web.job_id] = size
+            self._finished_bytes += size
         self._forget_old()
 
     def _forget_old(self) -> None:
-        """Drop the oldest finished jobs past `keep` jobs or `keep_bytes` of images."""
-        finished = [job_id for job_id, web in self.jobs.items() if web.finished]
-        kept_bytes = sum(web.image_bytes for web in self.jobs.values())
-        for job_id in finished:
-            if len(self.jobs) <= self.keep and kept_bytes <= self.keep_bytes:
-                break
-            kept_bytes -= self.jobs.pop(job_id).image_bytes
+        """Drop the first finished jobs past `keep` jobs or `keep_bytes` of images."""
+        while self._finished and (
+            len(self.jobs) > self.keep or self._finished_bytes > self.keep_bytes
+        ):
+            job_id, size = self._finished.popitem(last=False)
+            self._finished_bytes -= size
+            self.jobs.pop(job_id, None)
 
     async def close(self) -> None:
         for task in list(self._waiters):
