@@ -60,6 +60,8 @@ def cmd_web(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         lifespan="on",
+        loop="asyncio",  # uvloop, where installed, was slower with nats-py here
+        http="httptools",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
