@@ -273,4 +273,14 @@ async def test_a_server_with_a_token_asks_for_it_once(stack: Stack) -> None:
         width = await images.nth(1).evaluate("img => img.decode().then(() => img.naturalWidth)")
         assert width == 64  # the tiny preset's size
         await playwright_api.expect(page.locator("#job-state")).to_have_text("done")
+        # The dashboard, in a browser that has no token yet: it asks, then follows the
+        # pool's event stream with it.
+        dashboard = await (await browser.new_context()).new_page()
+        await dashboard.goto(server.url + "/dashboard")
+        await dashboard.fill("#access-token", "page-token")
+        await dashboard.click("text=Use token")
+        await playwright_api.expect(dashboard.locator('tr[data-worker="w-token"]')).to_be_visible(
+            timeout=5_000
+        )
+        await playwright_api.expect(dashboard.locator("#updated")).to_contain_text("live")
         await browser.close()

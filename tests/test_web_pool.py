@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagebus.requester import ImageBusClient
 
 from .conftest import Stack
-from .webstack import TINY, serve_web
+from .helpers import eventually
+from .webstack import TINY, read_events, serve_web
 
 JOBS, IMAGES = 6, 2
 TOKEN, ADMIN = "user-token", "admin-token"
@@ -124,6 +125,33 @@ async def test_many_dashboards_cost_the_orchestrators_one_refresh_a_second(stack
         cache = web.app.state.pool_cache
         print(f"50 dashboards polling at once: {cache.refreshes} refresh(es) of the pool's state")
         assert cache.refreshes <= 2
+
+
+async def test_open_dashboards_share_one_pushed_document_a_second(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker("pushed")
+    async with serve_web(stack.nats_url, token=TOKEN) as web, web.http(TOKEN) as http:
+        async with web.http() as anonymous:
+            assert (await anonymous.get("/v1/pool/events")).status_code == 401
+        followers = 20
+        streams = await asyncio.gather(
+            *(read_events(http, "/v1/pool/events", until="", limit=3) for _ in range(followers))
+        )
+        cache, feed = web.app.state.pool_cache, web.app.state.pool_feed
+        print(f"{followers} dashboards, 3 pushed documents each: {cache.refreshes} refreshes")
+        for events in streams:
+            assert [name for name, _ in events] == ["pool"] * 3
+            assert len({data["generated_at"] for _, data in events}) == 3  # each one newer
+            assert "pushed" in {w["id"] for w in events[-1][1]["workers"]}
+        polled = (await http.get("/v1/pool")).json()
+        assert set(streams[0][0][1]) == set(polled)  # the same document as GET /v1/pool
+        # One refresh a second for all of them, not one per dashboard.
+        assert cache.refreshes <= 6, cache.refreshes
+        # The dashboards closed: the loop stops asking the orchestrators.
+        assert await eventually(lambda: feed.followers == 0 and feed._loop.done())
+        asked = cache.refreshes
+        await asyncio.sleep(1.5)
+        assert cache.refreshes == asked
 
 
 async def test_the_blacklist_over_http_needs_the_admin_token(stack: Stack) -> None:

@@ -1,7 +1,8 @@
 """The ASGI app: assembles the routes of each part of the web role.
 
 Each module owns its routes: api.py (the job API), openai_api.py (the OpenAI-compatible
-endpoint), pool.py (the pool's state for the dashboard), metrics.py (/metrics),
+endpoint), pool.py (the pool's state for the dashboard), pool_feed.py (the same pushed to open
+dashboards), metrics.py (/metrics),
 pages.py (the requester page, the dashboard and their static files), openapi.py
 (/openapi.json and /docs).
 
@@ -25,7 +26,7 @@ from starlette.routing import BaseRoute
 
 from ..requester import ImageBusClient
 from ..settings import WebSettings
-from . import api, metrics, openai_api, openapi, pages, pool
+from . import api, metrics, openai_api, openapi, pages, pool, pool_feed
 from .auth import ApiError, RateLimiter
 from .jobs import JobTracker
 
@@ -56,12 +57,16 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
             try:
                 yield
             finally:
+                feed = getattr(app.state, "pool_feed", None)
+                if feed is not None:
+                    await feed.close()
                 await app.state.jobs.close()
 
     routes: list[BaseRoute] = [
         *api.routes(),
         *openai_api.routes(),
         *pool.routes(),
+        *pool_feed.routes(),
         *metrics.routes(),
         *openapi.routes(),
         *pages.routes(),
@@ -74,7 +79,7 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
     app.state.fetched = OrderedDict()  # api.py: images fetched from the results stream
-    app.state.openapi = openapi.document(settings, [openai_api, pool, metrics, pages])
+    app.state.openapi = openapi.document(settings, [openai_api, pool, pool_feed, metrics, pages])
     return app
 
 

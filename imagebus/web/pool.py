@@ -243,13 +243,19 @@ def _summed(counts: Any) -> dict[str, int]:
 # --- the routes -------------------------------------------------------------------
 
 
+def document_bytes(state: PoolState) -> bytes:
+    """GET /v1/pool's body: rendered once per refresh, however many dashboards (one
+    line: pool_feed.py frames it as an event's data)."""
+    if state.document is None:
+        state.document = json.dumps(pool_document(state), separators=(",", ":")).encode()
+    return state.document
+
+
 async def get_pool(request: Request) -> Response:
     require_token(request)
     state = await pool_cache(request).get()
-    if state.document is None:  # rendered once per refresh, however many dashboards
-        state.document = json.dumps(pool_document(state), separators=(",", ":")).encode()
     return Response(
-        state.document, media_type="application/json", headers={"Cache-Control": "no-store"}
+        document_bytes(state), media_type="application/json", headers={"Cache-Control": "no-store"}
     )
 
 

@@ -1,10 +1,13 @@
-// The operator dashboard: polls GET /v1/pool every second and redraws in place.
+// The operator dashboard: follows GET /v1/pool/events (the pool's document pushed about
+// once a second) and redraws in place; while the stream is down it polls GET /v1/pool,
+// which also says why (a 401 asks for the token).
 // Admin actions (the blacklist) send the admin token typed here; the server decides.
-import { api, askForToken, el, fmt, stateBadge } from "./api.js";
+import { api, askForToken, el, fmt, stateBadge, withToken } from "./api.js";
 import { lineChart } from "./chart.js";
 import { normalize } from "./pool.js";
 
 const POLL_MS = 1000;
+const STALE_MS = 4000; // no pool event for this long: the top bar says the page is stale
 const HISTORY_S = 300; // the chart's span when the server gives no history of its own
 const ADMIN_KEY = "imagebus.admin-token";
 
@@ -170,18 +173,13 @@ function unblacklist(workerId) {
     api(`/v1/blacklist/${encodeURIComponent(workerId)}`, { method: "DELETE", token }));
 }
 
-async function refresh() {
-  let pool;
-  try {
-    pool = normalize(await api("/v1/pool"));
-  } catch (error) {
-    $("live-dot").classList.add("stale");
-    $("updated").textContent = `no answer (${error.message}) · last ${lastOk ? fmt.time(lastOk / 1000) : "never"}`;
-    if (error.status === 401 && !document.getElementById("access-token")) {
-      $("stats").replaceChildren(askForToken(error.message + "."));
-    }
-    return;
-  }
+function stale(why) {
+  $("live-dot").classList.add("stale");
+  $("updated").textContent = `${why} · last ${lastOk ? fmt.time(lastOk / 1000) : "never"}`;
+}
+
+function show(document_) {
+  const pool = normalize(document_);
   lastOk = Date.now();
   $("live-dot").classList.remove("stale");
   const missing = Object.keys(pool.errors);
@@ -195,13 +193,41 @@ async function refresh() {
   }
 }
 
-async function loop() {
-  for (;;) {
-    const started = Date.now();
-    await refresh();
-    await new Promise((resolve) => setTimeout(resolve, Math.max(100, POLL_MS - (Date.now() - started))));
+/** One GET /v1/pool: shown, or why not. True when it was answered. */
+async function refresh() {
+  try {
+    show(await api("/v1/pool"));
+    return true;
+  } catch (error) {
+    stale(`no answer (${error.message})`);
+    if (error.status === 401 && !document.getElementById("access-token")) {
+      $("stats").replaceChildren(askForToken(error.message + "."));
+    }
+    return false;
   }
 }
+
+/** Follows the pool's event stream; when it fails, polls until a poll is answered,
+ * then follows again. */
+function follow() {
+  const source = new EventSource(withToken("/v1/pool/events"));
+  source.addEventListener("pool", (event) => {
+    try {
+      show(JSON.parse(event.data));
+    } catch (error) {
+      console.error("pool event", error);
+    }
+  });
+  source.onerror = async () => {
+    source.close(); // EventSource cannot say why (a 401?): a plain GET can
+    while (!(await refresh())) await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    follow();
+  };
+}
+
+setInterval(() => {
+  if (Date.now() - lastOk > STALE_MS) stale("no news from the web role");
+}, POLL_MS);
 
 $("admin-token").value = sessionStorage.getItem(ADMIN_KEY) || "";
 $("admin-form").addEventListener("submit", (event) => {
@@ -212,4 +238,4 @@ $("admin-form").addEventListener("submit", (event) => {
     if ($("admin-message").classList.contains("ok")) $("blacklist-worker").value = "";
   });
 });
-loop();
+follow();
