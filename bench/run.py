@@ -544,6 +544,14 @@ def verification_cost_section(
     section(report, nats_server, postgres, scale)
 
 
+def web_load_section(
+    report: Report, nats_server: NatsServer, postgres: Postgres, scale: float
+) -> None:
+    from .web_load import web_load_section as section  # imports this module
+
+    section(report, nats_server, postgres, scale)
+
+
 SECTIONS = {
     "dispatch": dispatch_section,
     "throughput": throughput_section,
@@ -553,6 +561,7 @@ SECTIONS = {
     "verification": verification_section,
     "web": web_section,
     "verification-cost": verification_cost_section,
+    "web-load": web_load_section,
 }
 
 
