@@ -45,6 +45,9 @@ async def test_submit_follow_and_download(stack: Stack) -> None:
         # Replayed in full to a watcher who comes late.
         again = await read_events(http, job["events_url"])
         assert [n for n, _ in again] == names
+        # A browser that reconnects after event 2 (its SSE id) gets the rest, no repeats.
+        resumed = await read_events(http, job["events_url"], last_event_id=2)
+        assert resumed == events[3:]
 
         status = (await http.get(job["status_url"])).json()
         assert status["job_id"] == job_id and status["n"] == 2

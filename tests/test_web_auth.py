@@ -110,3 +110,19 @@ async def test_openai_package_as_the_client(stack: Stack) -> None:
             wrong = openai.AsyncOpenAI(base_url=f"{web.url}/v1", api_key="sk-wrong", max_retries=0)
             await wrong.images.generate(prompt="a fox", size="64x64")
         await client.close()
+
+
+async def test_openai_package_sees_the_rate_limit(stack: Stack) -> None:
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    async with serve_web(stack.nats_url, rate_per_minute=1, rate_burst=1) as web:
+        client = openai.AsyncOpenAI(base_url=f"{web.url}/v1", api_key="sk-any", max_retries=0)
+        answer = await client.images.generate(prompt="a fox", size="64x64", extra_body={"steps": 1})
+        assert len(answer.data) == 1
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.images.generate(prompt="a fox", size="64x64")
+        assert limited.value.status_code == 429
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+        body = limited.value.body
+        assert isinstance(body, dict) and body["code"] == "rate_limited", body
+        await client.close()

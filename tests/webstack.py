@@ -67,13 +67,22 @@ async def serve_web(nats_url: str, **overrides: Any) -> AsyncIterator[WebServer]
 
 
 async def read_events(
-    http: httpx.AsyncClient, path: str, *, until: str = "done", limit: int = 10_000
+    http: httpx.AsyncClient,
+    path: str,
+    *,
+    until: str = "done",
+    limit: int = 10_000,
+    last_event_id: int | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The (event, data) of an SSE stream, up to and including the first `until` event."""
+    """The (event, data) of an SSE stream, up to and including the first `until` event;
+    from after `last_event_id`, as a browser's EventSource reconnecting asks."""
     import json
 
     events: list[tuple[str, dict[str, Any]]] = []
-    async with http.stream("GET", path, headers={"Accept": "text/event-stream"}) as response:
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    async with http.stream("GET", path, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         name, data = "message", ""
         async for line in response.aiter_lines():
