@@ -122,6 +122,8 @@ def _orchestrator_gauges(snapshots: Sequence[PoolSnapshot]) -> Iterator[Metric]:
 
 def worker_state(listing: WorkerListing) -> str:
     """One state per worker, the most telling first."""
+    if listing.gone:
+        return "gone"
     if listing.blacklisted:
         return "blacklisted"
     if listing.breaker != "closed":
@@ -129,7 +131,7 @@ def worker_state(listing: WorkerListing) -> str:
     return listing.advert.state  # idle, busy, draining
 
 
-WORKER_STATES = ("idle", "busy", "draining", "breaker_open", "blacklisted")
+WORKER_STATES = ("idle", "busy", "draining", "breaker_open", "blacklisted", "gone")
 
 
 def registry_metrics(workers: Sequence[WorkerListing]) -> Iterator[Metric]:
@@ -137,8 +139,13 @@ def registry_metrics(workers: Sequence[WorkerListing]) -> Iterator[Metric]:
     states = Counter({state: 0 for state in WORKER_STATES})
     states.update(worker_state(w) for w in workers)
     yield _labelled(
-        GaugeMetricFamily, "imagebus_workers", "Workers live, by state.", "state", states
+        GaugeMetricFamily,
+        "imagebus_workers",
+        "Workers by state (gone: not heard from lately, listed a while longer).",
+        "state",
+        states,
     )
+    workers = [w for w in workers if not w.gone]  # their slots and images are not live
     slots = Counter(
         busy=sum(max(w.advert.slots - w.advert.free_slots, 0) for w in workers),
         free=sum(max(w.advert.free_slots, 0) for w in workers),

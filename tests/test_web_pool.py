@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import sys
 from typing import Any
 
 import httpx
@@ -113,6 +115,46 @@ async def test_metrics_and_pool_count_what_was_sent(stack: Stack) -> None:
     assert orch["record_backlog"] == 0 and "p99" in orch["loop_lag_ms"]
     assert [b["worker_id"] for b in pool["blacklist"]] == [SEEDED]
     assert pool["errors"] == {}
+
+
+async def test_a_killed_worker_is_counted_gone_not_idle(stack: Stack) -> None:
+    """The registry lists a worker for a minute after it was last heard from; a
+    worker killed with SIGKILL must leave the live counts once it is silent for 10 s."""
+    await stack.start_orchestrator()
+    await stack.start_worker("stays")
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagebus", "--log-level", "warning", "worker",
+        "--worker-id", "doomed", "--nats-url", stack.nats_url, "--model", "noop", "--slots", "3",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with ImageBusClient(stack.nats_url) as client, serve_web(stack.nats_url) as web:
+            await _listed(client, 2)
+            async with web.http() as http:
+                live = samples((await http.get("/metrics")).text)
+                assert sample(live, "imagebus_workers", state="idle") == 2
+                doomed.send_signal(signal.SIGKILL)
+                await doomed.wait()
+
+                async def state_of_doomed() -> str:
+                    pool = (await http.get("/v1/pool")).json()
+                    return {w["id"]: w["state"] for w in pool["workers"]}["doomed"]
+
+                for _ in range(30):
+                    if await state_of_doomed() == "gone":
+                        break
+                    await asyncio.sleep(1)
+                assert await state_of_doomed() == "gone"
+                page = samples((await http.get("/metrics")).text)
+                listed = {w.advert.worker_id for w in await client.workers()}
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+    assert "doomed" in listed  # still listed by the registry, as designed
+    assert sample(page, "imagebus_workers", state="gone") == 1
+    assert sample(page, "imagebus_workers", state="idle") == 1
+    stays_slots = sample(live, "imagebus_slots", state="free") - 3
+    assert sample(page, "imagebus_slots", state="free") == stays_slots
 
 
 async def test_many_dashboards_cost_the_orchestrators_one_refresh_a_second(stack: Stack) -> None:

@@ -126,6 +126,7 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
         for item in listing:
             print(json.dumps({**dataclasses.asdict(item.advert),
                               "last_seen_s": item.last_seen_s,
+                              "gone": item.gone,
                               "blacklisted": item.blacklisted,
                               "breaker": item.breaker,
                               "breaker_open_s": item.breaker_open_s,
@@ -145,6 +146,8 @@ def print_workers(listing: list[WorkerListing], *, as_json: bool) -> None:
             state = f"rest {item.breaker_open_s:.0f}s"  # its breaker is open: no work
         elif not item.blacklisted and item.breaker == "half-open":
             state = "probing"
+        if item.gone:
+            state = "gone"  # not heard from lately: listed a while longer
         print(
             f"{a.worker_id:32} {','.join(a.models)[:22]:22} {device[:14]:14} "
             f"{a.free_slots}/{a.slots:<3} {state:9} {a.tasks_done:>5} {a.failures:>6} "

@@ -21,11 +21,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from ..protocol import OfferReason, RecruitCall, WorkerAdvert
+from ..protocol.messages import LIVE_FOR_S
 from ..protocol.routing import describe_unfit, unfit_reason
 from .breaker import Breaker
-
-# A worker not heard from for this long is taken as gone (it advertises every 2 s).
-LIVE_FOR_S = 10.0
 
 
 class Registry:

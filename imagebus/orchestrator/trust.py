@@ -27,7 +27,8 @@ from ..db import BLACKLISTED, PROBATION, TRANSIENT_ERRORS, TRUSTED, TrustRow, Tr
 from ..protocol import RecruitCall
 from ..protocol import subjects as s
 from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
-from .registry import LIVE_FOR_S, Registry
+from ..protocol.messages import LIVE_FOR_S
+from .registry import Registry
 from .watch import Watch
 
 # How long dispatch may use the same view of who is on probation (a new worker's first

@@ -269,6 +269,14 @@ class WorkerAdvert:
     batch_sizes: list[int] = field(default_factory=list)
 
 
+# A worker advertises every 2 s; one not heard from for LIVE_FOR_S is gone (the
+# registry lists it a while longer, so `imagebus workers` can say when it was seen).
+# A draining worker advertises until its last task ends: quiet for DRAINED_AFTER_S,
+# it has stopped.
+LIVE_FOR_S = 10.0
+DRAINED_AFTER_S = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerListing:
     """An orchestrator's view of one worker, for `imagebus workers`."""
@@ -286,6 +294,12 @@ class WorkerListing:
     trust: str = ""
     verified: int = 0
     strikes: int = 0
+
+    @property
+    def gone(self) -> bool:
+        """Not heard from for LIVE_FOR_S, or drained and quiet for DRAINED_AFTER_S."""
+        drained = self.advert.state == "draining" and self.last_seen_s > DRAINED_AFTER_S
+        return self.last_seen_s > LIVE_FOR_S or drained
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,19 +1,13 @@
 // GET /v1/pool's answer (docs/web.md, "Pool and metrics") in the shape the dashboard
 // draws: parts the server could not read come as null and are kept from the last answer.
 
-// A worker not heard from for this long is gone (the orchestrators' registry keeps it
-// listed a while longer; it advertises every 2 s). A draining worker that went quiet
-// has stopped: it advertises until its last task ends.
-const GONE_AFTER_S = 10;
-const DRAINED_AFTER_S = 5;
+/** Gone: not heard from lately (the orchestrators' registry lists a worker a while
+ * longer). The web role decides, by the protocol's rule (WorkerListing.gone). */
+export function isGone(worker) {
+  return worker.state === "gone";
+}
 
 let previous = { workers: [], recentJobs: [], blacklist: [] };
-
-export function isGone(worker) {
-  const seen = worker.last_seen_s ?? 0;
-  const draining = (worker.advert_state ?? worker.state) === "draining";
-  return seen > GONE_AFTER_S || (draining && seen > DRAINED_AFTER_S);
-}
 
 export function normalize(pool) {
   const all = (pool.workers ?? previous.allWorkers ?? []).map((w) => ({ ...w, worker_id: w.worker_id ?? w.id }));
