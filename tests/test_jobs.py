@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from PIL import Image
 from structlog.testing import capture_logs
 
-from imagebus.protocol import request_schema
+from imagebus.protocol import ReservationRelease, WorkerOffer, decode, encode, request_schema
 from imagebus.protocol import subjects as s
 from imagebus.requester import GenerationFailed, ImageBusClient, ImageBusError
 from imagebus.settings import BusSettings, WorkerSettings
@@ -346,3 +347,36 @@ def test_cancelled_inboxes_are_kept_for_their_ttl_and_at_most_their_limit() -> N
     assert not kept.cancels("_INBOX.a.2", secret)  # expired
     kept.add("_INBOX.b", proof)  # adding drops the expired ones
     assert len(kept._until) == 1 and kept.cancels("_INBOX.b", secret)
+
+
+async def test_a_cancel_while_a_worker_is_being_found_sends_it_no_image(stack: Stack) -> None:
+    """The cancel names the workers on the job's images; one still being recruited is
+    not among them. Its willing answer, arriving after the cancel, must not be given
+    the image (it would make it to the end for nobody): its reservation is released."""
+    await stack.start_orchestrator(recruit_timeout_s=5.0, registry_warm_s=0.0)
+    nc = await raw_client(stack.nats_url)
+    calls: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_call(msg: Msg) -> None:
+        await calls.put(msg)
+
+    try:
+        await nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=on_call)
+        assigned, _ = await collect(nc, s.worker_assign_subject("slow-answer"))
+        released, _ = await collect(nc, s.worker_release_subject("slow-answer"))
+        async with ImageBusClient(stack.nats_url) as client:
+            job = await client.submit("a slow answer", width=64, height=64, steps=2)
+            call = await asyncio.wait_for(calls.get(), 10)  # the orchestrator asks around
+            await job.cancel()
+            await asyncio.sleep(0.3)  # the cancel is handled before the answer comes
+            offer = WorkerOffer("slow-answer", True, 1, 1, "cpu", ["tiny"], "r-1", 30.0)
+            await nc.publish(call.reply, encode(offer))
+            with pytest.raises(GenerationFailed) as failed:
+                await job.wait(30)
+            assert [f.code for f in failed.value.failures] == ["cancelled"]
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    assert assigned.messages == [], "the image went to a worker after its job was cancelled"
+    releases = [decode(ReservationRelease, m.data).reservation_id for m in released.messages]
+    assert releases == ["r-1"]

@@ -173,6 +173,11 @@ class Dispatcher:
                 task.declined.update(round_.declined)
             if round_.offer is None:
                 found = await self._wait_for_slot(task, round_)
+            elif job.cancelled and task.adopted_by is None:
+                # Cancelled while a worker was being found: its cancel could not name
+                # that worker, so the image must not go there.
+                await self.recruiter.give_back(round_.offer)
+                continue
             else:
                 outcome = await self._attempt(task, round_.offer)
                 if classify(outcome) is Next.ANSWERED:

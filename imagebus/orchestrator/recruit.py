@@ -163,6 +163,14 @@ class Recruiter:
             return TRIED
         return None
 
+    async def give_back(self, offer: WorkerOffer) -> None:
+        """The slot an offer holds, when its task will not go there after all: the
+        worker's reservation, or the free slot the pool view counted as taken."""
+        if offer.reservation_id:
+            await self._release(offer)
+        else:
+            self.registry.note_free(offer.worker_id, self.registry.free(offer.worker_id) + 1)
+
     async def _release(self, offer: WorkerOffer) -> None:
         if offer.reservation_id:
             release = ReservationRelease(offer.reservation_id)
