@@ -93,7 +93,8 @@ class Batcher:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # a runner waits on its thread no longer once cancelled
+            await asyncio.wait(self._tasks, timeout=5.0)
         for waiting in self._waiting:
             if not waiting.result.done():
                 waiting.result.cancel()

@@ -57,6 +57,9 @@ from .outcomes import failure, for_the_requester, report_of, result_of
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
 
+# How long stop() waits for aborted runs to end (each reports its task lost first).
+ABORT_WAIT_S = 5.0
+
 
 class Worker:
     def __init__(
@@ -175,7 +178,10 @@ class Worker:
             _, pending = await asyncio.wait(self._runs, timeout=grace_s)
             for run in pending:
                 self._runs[run].abort()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:  # bounded: a stop must end, whatever a run is stuck on
+                _, stuck = await asyncio.wait(pending, timeout=ABORT_WAIT_S)
+                if stuck:
+                    self._log.warning("tasks still stuck after abort", stuck=len(stuck))
         if self._heartbeats is not None:
             self._heartbeats.cancel()
         for batcher in self._batchers.values():
