@@ -4,13 +4,16 @@ downloads, cancel, and the answers to bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 
 import pytest
 
+from imagebus.protocol import subjects as s
+from imagebus.requester import ImageBusClient
 from tests.conftest import Stack
-from tests.helpers import eventually
+from tests.helpers import collect, eventually, raw_client
 from tests.webstack import TINY, read_events, serve_web
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +81,41 @@ async def test_jobs_submitted_elsewhere_are_served_from_the_bus(stack: Stack) ->
             image = await other.get(job["images"][0])
             assert image.status_code == 200 and image.content.startswith(PNG_MAGIC)
             assert (await other.get(f"/v1/jobs/{job['job_id']}.zip")).status_code == 200
+
+
+async def test_watchers_of_a_job_submitted_elsewhere_share_one_status_poll(
+    stack: Stack,
+) -> None:
+    """Ten browsers watching a job this web process did not submit cost the
+    orchestrators one status query a second, not ten; each sees it through to done."""
+    await stack.start_orchestrator()
+    await stack.start_worker()
+    nc = await raw_client(stack.nats_url)
+    asked, _ = await collect(nc, s.JOB_STATUS_SUBJECT)  # sees every query, answers none
+    try:
+        async with ImageBusClient(stack.nats_url) as client, serve_web(stack.nats_url) as web:
+            job = await client.submit("a slow heron", n=2, width=64, height=64, steps=40)
+            job_id = await job.accepted()
+            recorder = stack.orchestrators[0].recorder
+            assert recorder is not None and await recorder.flush(30)  # its record exists
+            async with web.http() as http:
+                started = asyncio.get_running_loop().time()
+                watched = await asyncio.gather(
+                    *(read_events(http, f"/v1/jobs/{job_id}/events") for _ in range(10))
+                )
+                seconds = asyncio.get_running_loop().time() - started
+            await job.wait(60)
+    finally:
+        await nc.close()
+    queries = len(asked.messages)
+    print(f"10 watchers for {seconds:.1f} s: {queries} status queries")
+    for events in watched:
+        assert events[-1][0] == "done" and events[-1][1]["state"] == "done", events[-1]
+        assert {name for name, _ in events[:-1]} == {"status"}
+    # Each watcher's first status is its own (it answers 404 for an unknown job); the
+    # polls after it are shared: about one a second.
+    assert queries <= 10 + seconds + 3, (queries, seconds)
+    assert web.app.state.status_feeds == {}  # the feed forgot the job once it ended
 
 
 async def test_cancel(stack: Stack) -> None:

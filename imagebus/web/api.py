@@ -103,7 +103,7 @@ async def job_events(request: Request) -> Response:
         first = await client.job_status(job_id)
     except ImageBusError as exc:
         raise bus_error(exc) from None
-    return sse.stream(sse.polled(client, first))
+    return sse.stream(sse.polled(request, client, first))
 
 
 async def _images(request: Request, job_id: str) -> tuple[WebJob | None, dict[int, bytes]]:

@@ -57,9 +57,10 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
             try:
                 yield
             finally:
-                feed = getattr(app.state, "pool_feed", None)
-                if feed is not None:
-                    await feed.close()
+                pool_feed = getattr(app.state, "pool_feed", None)
+                for feed in [pool_feed, *app.state.status_feeds.values()]:
+                    if feed is not None:
+                        await feed.close()
                 await app.state.jobs.close()
 
     routes: list[BaseRoute] = [
@@ -79,6 +80,7 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
     app.state.fetched = OrderedDict()  # api.py: images fetched from the results stream
+    app.state.status_feeds = {}  # sse.py: the polled status of jobs submitted elsewhere
     app.state.openapi = openapi.document(settings, [openai_api, pool, pool_feed, metrics, pages])
     return app
 

@@ -23,14 +23,13 @@ import structlog
 from ..protocol import JobState, TaskResult
 from ..protocol.messages import GenerateRequest
 from ..requester import GenerationFailed, ImageBusClient, ImageBusError, Job, Progress
+from .feed import KEEPALIVE_S
 
 log = structlog.get_logger(__name__)
 
 CANCELLED_CODE = "cancelled"
 # How long a submission waits for an orchestrator to accept (or reject) its request.
 ACCEPT_TIMEOUT_S = 30.0
-# An SSE watcher is sent a comment this often, so proxies keep the connection open.
-KEEPALIVE_S = 15.0
 
 Event = tuple[str, dict[str, Any]]  # (SSE event name, its JSON data)
 
