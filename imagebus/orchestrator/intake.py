@@ -206,7 +206,8 @@ class Intake:
             _, pending = await asyncio.wait(self._running, timeout=grace_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:  # bounded: a stop must end, whatever a job is stuck on
+                await asyncio.wait(pending, timeout=5.0)
 
     # --- standing pull requests ------------------------------------------------------
 

@@ -143,7 +143,8 @@ class Verifier:
     async def stop(self) -> None:
         for task in list(self._pending):
             task.cancel()
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._pending:  # bounded, like every part of a stop
+            await asyncio.wait(list(self._pending), timeout=5.0)
         await self.book.stop()
 
     async def settle(self, timeout: float) -> bool:
