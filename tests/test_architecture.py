@@ -23,7 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "looplag": set(),
     # Prometheus metrics from the figures on the bus: for /metrics and --metrics-port.
     "metrics": {"protocol", "settings"},
-    "settings": {"protocol"},
+    # The one reader of the environment (typed getters, ConfigError): knows nothing else.
+    "environment": set(),
+    "settings": {"environment", "protocol"},
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
     "db": {"logs", "protocol"},

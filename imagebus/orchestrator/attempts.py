@@ -3,14 +3,16 @@ on a worker ended, and what follows from that."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 from structlog.typing import FilteringBoundLogger
 
-from ..protocol import ErrorCode, RecruitCall
+from ..protocol import ErrorCode, RecruitCall, WorkerOffer
 from .jobs import RunningJob
+from .recruit import REFUSED
 
 
 class AttemptOutcome(StrEnum):
@@ -92,3 +94,34 @@ class TaskRun:
     # The worker that runs it already, for an orchestrator that died (adoption.py): its
     # first attempt here watches it there instead of recruiting one.
     adopted_by: str | None = None
+
+
+def after_attempt(
+    task: TaskRun, offer: WorkerOffer, outcome: AttemptOutcome, max_reassignments: int
+) -> TaskFailure | None:
+    """After an attempt that left the task unanswered: go on (None), or give up (a
+    worker that never took it is replaced until the task's wait ends; one that took it
+    and failed it, at most `max_reassignments` times)."""
+    if classify(outcome) is Next.RECRUIT_AGAIN:
+        task.declined[REFUSED] += 1
+        if time.monotonic() < task.deadline:
+            return None  # the worker did not take it: find another
+        error = f"no worker took the image within {task.queue_timeout:g}s"
+        return TaskFailure(error, ErrorCode.QUEUE_TIMEOUT)
+    task.lost += 1
+    task.tried.add(offer.worker_id)
+    if task.lost > max_reassignments:
+        last = task.last_error or outcome.value
+        error = (
+            f"gave up after {task.lost} workers failed to finish the image "
+            f"(last: {offer.worker_id}, {last})"
+        )
+        code = {
+            AttemptOutcome.LOST: ErrorCode.WORKER_LOST,
+            AttemptOutcome.WORKER_FAULT: ErrorCode.GENERATION_FAILED,
+        }.get(outcome, ErrorCode.TASK_TIMEOUT)
+        task.log.warning("task failed", error=error)
+        return TaskFailure(error, code, worker_id=offer.worker_id)
+    task.log.warning("re-assigning task", reason=outcome.value, worker_id=offer.worker_id)
+    task.deadline = time.monotonic() + task.queue_timeout
+    return None

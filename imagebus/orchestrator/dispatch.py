@@ -50,11 +50,19 @@ from ..protocol import (
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
 from .adoption import adopted_offer
-from .attempts import AttemptOutcome, Next, TaskFailure, TaskRun, classify, says_worker_works
+from .attempts import (
+    AttemptOutcome,
+    Next,
+    TaskFailure,
+    TaskRun,
+    after_attempt,
+    classify,
+    says_worker_works,
+)
 from .cancels import tell_worker
 from .capacity import CapacitySignal
 from .jobs import RunningJob
-from .recruit import REFUSED, Recruiter, RecruitRound, describe
+from .recruit import Recruiter, RecruitRound, describe
 from .registry import Registry
 from .watch import Watch
 
@@ -183,7 +191,7 @@ class Dispatcher:
                 if classify(outcome) is Next.ANSWERED:
                     job.answered.add(index)
                     return
-                found = self._after_attempt(task, round_.offer, outcome)
+                found = after_attempt(task, round_.offer, outcome, self.settings.max_reassignments)
             if found is not None:
                 failure = found
                 break
@@ -215,34 +223,6 @@ class Dispatcher:
         if tried and self.registry.fits_somewhere(task.call, self._blacklisted() | tried | held):
             return tried | held
         return held
-
-    def _after_attempt(
-        self, task: TaskRun, offer: WorkerOffer, outcome: AttemptOutcome
-    ) -> TaskFailure | None:
-        """After an attempt that left the task unanswered: go on (None), or give up."""
-        if classify(outcome) is Next.RECRUIT_AGAIN:
-            task.declined[REFUSED] += 1
-            if time.monotonic() < task.deadline:
-                return None  # the worker did not take it: find another
-            error = f"no worker took the image within {task.queue_timeout:g}s"
-            return TaskFailure(error, ErrorCode.QUEUE_TIMEOUT)
-        task.lost += 1
-        task.tried.add(offer.worker_id)
-        if task.lost > self.settings.max_reassignments:
-            last = task.last_error or outcome.value
-            error = (
-                f"gave up after {task.lost} workers failed to finish the image "
-                f"(last: {offer.worker_id}, {last})"
-            )
-            code = {
-                AttemptOutcome.LOST: ErrorCode.WORKER_LOST,
-                AttemptOutcome.WORKER_FAULT: ErrorCode.GENERATION_FAILED,
-            }.get(outcome, ErrorCode.TASK_TIMEOUT)
-            task.log.warning("task failed", error=error)
-            return TaskFailure(error, code, worker_id=offer.worker_id)
-        task.log.warning("re-assigning task", reason=outcome.value, worker_id=offer.worker_id)
-        task.deadline = time.monotonic() + task.queue_timeout
-        return None
 
     async def _wait_for_slot(self, task: TaskRun, round_: RecruitRound) -> TaskFailure | None:
         """After a round that found no worker: wait for a slot or a worker (None), or

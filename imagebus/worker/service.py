@@ -2,8 +2,9 @@
 
 The event loop only talks to NATS; the model runs in a thread pool with one
 thread per slot, so a busy worker still answers `request-worker` at once (as
-unwilling). Slot accounting and reservations live in slots.py, getting results
-to requesters and copies into the results stream in delivery.py, and what a task
+unwilling). Slot accounting and reservations live in slots.py, running a task it
+takes (from its image queued to its report) in runs.py, getting results to
+requesters and copies into the results stream in delivery.py, and what a task
 ends with (its result and report) in outcomes.py.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,25 +26,19 @@ from ..metrics import MetricsServer
 from ..protocol import (
     AssignmentRefused,
     CapacityNotice,
-    ErrorCode,
-    Fault,
     JobCancel,
     OfferReason,
     ProtocolError,
     RecruitCall,
     ReservationRelease,
-    TaskAssigned,
     TaskAssignment,
     TaskHeartbeat,
-    TaskProgress,
     WorkerAdvert,
     WorkerOffer,
     decode,
     encode,
-    events,
 )
 from ..protocol import subjects as s
-from ..protocol.events import Outbound
 from ..protocol.routing import unfit_reason
 from ..settings import WorkerSettings
 from .adoption import Adoptions
@@ -53,12 +47,9 @@ from .delivery import COPY_ANSWER_WITHIN_S, Delivery
 from .engine import Engine, load_engines
 from .identity import IdClaim
 from .metrics import serve_metrics
-from .outcomes import failure, for_the_requester, report_of, result_of
+from .runs import TaskRuns
 from .slots import Slots
 from .tasks import RunningTask, WorkerStatus
-
-# How long stop() waits for aborted runs to end (each reports its task lost first).
-ABORT_WAIT_S = 5.0
 
 
 class Worker:
@@ -81,12 +72,8 @@ class Worker:
         # One engine per model held; the first is the default for requests naming none.
         self.engines: dict[str, Engine] = {engine.model: engine} if engine is not None else {}
         self.nc: Client | None = None
-        self.tasks_done = 0
-        self.failures = 0
+        self._log = get_logger(worker_id=self.id)
         self._slots = Slots(settings.slots)
-        self._seconds_total = 0.0
-        self._running: dict[tuple[str, int], RunningTask] = {}
-        self._runs: dict[asyncio.Task[None], RunningTask] = {}  # for stop()
         self._heartbeats: asyncio.Task[None] | None = None
         self._id_claim: IdClaim | None = None
         self._draining = False
@@ -95,11 +82,13 @@ class Worker:
             settings.slots, thread_name_prefix=f"imagebus-{self.id}"
         )
         self._batchers: dict[str, Batcher] = {}
+        self._task_runs = TaskRuns(
+            self.id, self.engines, self._batchers, self._slots, self._announce_capacity, self._log
+        )
         self._copy_answer_within_s = copy_answer_within_s
         self._delivery: Delivery | None = None
         self.loop_lag = LoopLag()
         self._metrics: MetricsServer | None = None
-        self._log = get_logger(worker_id=self.id)
 
     @property
     def models(self) -> list[str]:
@@ -108,6 +97,14 @@ class Worker:
     @property
     def default_engine(self) -> Engine:
         return next(iter(self.engines.values()))
+
+    @property
+    def tasks_done(self) -> int:
+        return self._task_runs.tasks_done
+
+    @property
+    def failures(self) -> int:
+        return self._task_runs.failures
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -128,6 +125,7 @@ class Worker:
             await self.nc.close()
             raise
         self._delivery = Delivery(self.nc, self._log, self._copy_answer_within_s)
+        self._task_runs.connect(self.nc, self._delivery)
         self._subscriptions = [
             await self._delivery.subscribe(),
             await self.nc.subscribe(s.worker_ping_subject(self.id), cb=self._on_ping),
@@ -135,7 +133,8 @@ class Worker:
             await self.nc.subscribe(s.worker_assign_subject(self.id), cb=self._on_assign),
             await self.nc.subscribe(s.worker_cancel_subject(self.id), cb=self._on_cancel),
             await self.nc.subscribe(
-                s.WORKER_ADOPT_SUBJECT, cb=Adoptions(self.nc, self.id, self._running).on_call
+                s.WORKER_ADOPT_SUBJECT,
+                cb=Adoptions(self.nc, self.id, self._task_runs.running).on_call,
             ),
             await self.nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=self._on_recruit),
         ]
@@ -173,15 +172,7 @@ class Worker:
         if self.nc is not None and self._subscriptions:
             with contextlib.suppress(Exception):
                 await self._subscriptions[-1].unsubscribe()  # leave the queue group first
-        if self._runs:
-            self._log.info("finishing running tasks", running=len(self._runs))
-            _, pending = await asyncio.wait(self._runs, timeout=grace_s)
-            for run in pending:
-                self._runs[run].abort()
-            if pending:  # bounded: a stop must end, whatever a run is stuck on
-                _, stuck = await asyncio.wait(pending, timeout=ABORT_WAIT_S)
-                if stuck:
-                    self._log.warning("tasks still stuck after abort", stuck=len(stuck))
+        await self._task_runs.stop(grace_s)
         if self._heartbeats is not None:
             self._heartbeats.cancel()
         for batcher in self._batchers.values():
@@ -202,18 +193,19 @@ class Worker:
     def status(self) -> WorkerStatus:
         batches = sum(b.batches for b in self._batchers.values())
         images = sum(b.images for b in self._batchers.values())
+        running = self._task_runs.running
         return WorkerStatus(
-            state="draining" if self._draining else ("busy" if self._running else "idle"),
+            state="draining" if self._draining else ("busy" if running else "idle"),
             slots=self.settings.slots,
             free_slots=0 if self._draining else max(self._slots.free, 0),
-            running=len(self._running),
+            running=len(running),
             generating=self._slots.generating,
             peak_generating=self._slots.peak_generating,
             tasks_done=self.tasks_done,
             failures=self.failures,
             batches=batches,
             mean_batch=round(images / batches, 2) if batches else 0.0,
-            seconds_per_image=self._seconds_total / self.tasks_done if self.tasks_done else 0.0,
+            seconds_per_image=self._task_runs.seconds_per_image,
             copies_unanswered=self._delivery.copies_unanswered if self._delivery else 0,
         )
 
@@ -271,7 +263,7 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_s)
             beats += 1
             try:
-                for running in list(self._running.values()):
+                for running in list(self._task_runs.running.values()):
                     if running.heartbeat_subject and self.nc is not None:
                         beat = self._heartbeat(running)
                         await self.nc.publish(running.heartbeat_subject, encode(beat))
@@ -351,7 +343,7 @@ class Worker:
             return
         # Only the orchestrator speaks here (a verified cancel, a re-assignment, a job
         # timeout), always by job id: see orchestrator/cancels.py.
-        for (job_id, index), running in self._running.items():
+        for (job_id, index), running in self._task_runs.running.items():
             if job_id == cancel.job_id and cancel.index in (None, index):
                 self._log.info("cancelling task", job_id=job_id, index=index, reason=cancel.reason)
                 running.cancel(reassigned=cancel.index is not None)
@@ -373,21 +365,18 @@ class Worker:
             await self._refuse(msg, reason)
             return
         running = RunningTask(assignment)
-        self._running[(assignment.job_id, assignment.index)] = running
-        self._slots.start_generating()
         # Queued before "assigned" goes out: the model's thread wakes while it travels.
-        # The run (which frees the slot whatever happens) exists before anything can fail.
-        running.run = asyncio.create_task(self._run(running, self._queue_image(running)))
-        self._runs[running.run] = running
-        running.run.add_done_callback(self._forget_run)
-        assigned = TaskAssigned(assignment.job_id, assignment.index, self.id)
-        inbox, key = assignment.reply_inbox, running.event_key
-        await self._send(events.assigned(running.dialect, inbox, assigned, key))
+        await self._task_runs.start(running, self._queue_image(running))
+
+    def _queue_image(self, running: RunningTask) -> Queued:
+        """Queue a task's image on its model's batcher. The one hook for subclasses
+        that look at each assignment first (tests/forging_worker.py)."""
+        return self._task_runs.queue_image(running)
 
     def _refusal_reason(self, assignment: TaskAssignment) -> str | None:
         """Why this worker will not run `assignment`, claiming its reservation if it will."""
         held = self._slots.release(assignment.reservation_id)
-        if (assignment.job_id, assignment.index) in self._running:
+        if (assignment.job_id, assignment.index) in self._task_runs.running:
             return "already running this task"
         if self._draining:
             return "worker is shutting down"
@@ -405,102 +394,9 @@ class Worker:
         refusal = AssignmentRefused(self.id, reason, free, *self._slots.next_free_stamp())
         await self._reply(msg, encode(refusal))
 
-    # --- running one task ------------------------------------------------------------
-
-    def _queue_image(self, running: RunningTask) -> Queued:
-        assignment = running.assignment
-        engine = self.engines.get(assignment.params.model or "", self.default_engine)
-        dialect, key = running.dialect, running.event_key
-
-        async def on_step(step: int, steps: int) -> None:
-            running.step = step
-            progress = TaskProgress(assignment.job_id, assignment.index, step, steps, self.id)
-            await self._send(events.progress(dialect, assignment.reply_inbox, progress, key))
-
-        running.queued = self._batchers[engine.model].submit(
-            assignment.params,
-            assignment.seed,
-            on_step,
-            lambda: running.cancelled,
-            lambda: self._rendered(running),
-        )
-        return running.queued
-
-    def _forget_run(self, run: asyncio.Task[None]) -> None:
-        self._runs.pop(run, None)
-
-    def _rendered(self, running: RunningTask) -> None:
-        """The image is rendered (or never will be): the next may start while this one
-        is encoded and travels."""
-        if running.generating:
-            running.generating = False
-            self._slots.rendered()
-
-    async def _run(self, running: RunningTask, queued: Queued) -> None:
-        """Run one task; whatever happens, its slot is freed afterwards."""
-        assignment = running.assignment
-        try:
-            await self._run_body(running, queued)
-        except asyncio.CancelledError:  # aborted by stop(): another worker should take it
-            if self.nc is not None and not running.reassigned:
-                aborted = failure(
-                    assignment, self.id, "worker shutting down", ErrorCode.WORKER_LOST, Fault.WORKER
-                )
-                report = report_of(aborted, self.id, time.monotonic() - running.started)
-                running.reported = True
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(running.report_subject, encode(report))
-            raise
-        except Exception:
-            self._log.exception("task ended badly", job_id=assignment.job_id)
-        finally:
-            self._running.pop((assignment.job_id, assignment.index), None)
-            self._slots.finished(rendered=not running.generating)
-            if running.generating:  # it ended before its image: the slot is free now
-                running.generating = False
-                with contextlib.suppress(Exception):
-                    await self._announce_capacity()
-
-    async def _run_body(self, running: RunningTask, queued: Queued) -> None:
-        assert self.nc is not None and self._delivery is not None
-        assignment = running.assignment
-        engine = self.engines.get(assignment.params.model or "", self.default_engine)
-        log = self._log.bind(job_id=assignment.job_id, index=assignment.index)
-        params = assignment.params
-        log.info("task started", width=params.width, height=params.height, steps=params.steps)
-        started = time.perf_counter()
-        rendering = self._batchers[engine.model].result(queued)
-        result = await result_of(assignment, self.id, rendering, log)
-        seconds = time.perf_counter() - started
-        dialect = running.dialect
-        result, messages = events.result_messages(
-            dialect, assignment.reply_inbox, result, self.nc.max_payload, running.event_key
-        )
-        # The copy and the result go out in one write (a write per message is most of
-        # the bus's cost per job). The slot was freed when the image was rendered.
-        # A failure of this worker's own goes to the orchestrator only: it retries it
-        # on another worker, and answers the requester itself if none succeeds.
-        if not running.reassigned and for_the_requester(result):
-            if result.ok and result.png is not None:
-                await self._delivery.keep(assignment.job_id, assignment.index, result.png)
-            if not await self._delivery.deliver(messages, dialect):
-                log.warning("requester did not confirm the result; giving up on it")
-        if result.ok:
-            self.tasks_done += 1
-            self._seconds_total += seconds
-        else:
-            self.failures += 1
-        running.reported = True  # from here on, an orchestrator adopting it would wait in vain
-        await self.nc.publish(running.report_subject, encode(report_of(result, self.id, seconds)))
-        log.info("task finished", ok=result.ok, seconds=round(seconds, 3), error=result.error)
-
     # --- sending ---------------------------------------------------------------------
 
     async def _reply(self, msg: Msg, payload: bytes, headers: dict[str, str] | None = None) -> None:
         # Not msg.respond(): it would copy the request's headers onto the reply.
         if msg.reply and self.nc is not None:
             await self.nc.publish(msg.reply, payload, headers=headers)
-
-    async def _send(self, out: Outbound) -> None:
-        assert self.nc is not None
-        await self.nc.publish(out.subject, out.payload, headers=out.headers)
