@@ -205,6 +205,12 @@ def _not_kept(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == "result not kept in the results stream"]
 
 
+async def _seconds_for_one(client: ImageBusClient) -> float:
+    started = time.monotonic()
+    await client.generate("calibrate", width=64, height=64, steps=60, timeout=60)
+    return time.monotonic() - started
+
+
 async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: Stack) -> None:
     orchestrator = await stack.start_orchestrator()
     await stack.start_worker()
@@ -212,23 +218,29 @@ async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: S
         # The model's first run is slower than the next ones (measured: 14-35 s against
         # 0.7-10 s under load): warm it up, or the calibration overstates an image.
         await client.generate("warm up", width=64, height=64, steps=2, timeout=60)
-        started = time.monotonic()
-        await client.generate("calibrate", width=64, height=64, steps=60, timeout=60)
-        one_image_s = time.monotonic() - started
-        # Room for the first of two images, not for the second (one worker, one slot).
+        # The quicker of two: the machine is shared, and an overstated image would give
+        # the job room for all of them.
+        one_image_s = min([await _seconds_for_one(client) for _ in range(2)])
+        # Room for the first of three images, not for all (one worker, one slot; the
+        # third, at three times one image, misses even if the machine speeds up).
         job = await client.submit(
-            "timed", n=2, width=64, height=64, steps=60, job_timeout=1.5 * one_image_s
+            "timed", n=3, width=64, height=64, steps=60, job_timeout=1.5 * one_image_s
         )
+        started = time.monotonic()
         with pytest.raises(GenerationFailed) as failed:
             await job.wait(60)
+        print(
+            f"one image {one_image_s:.2f} s; the job ended after {time.monotonic() - started:.2f} s"
+        )
         assert job.job_id is not None
         assert await orchestrator.settle(SETTLE_S)
         status = await client.job_status(job.job_id)
         kept = await client.fetch(job.job_id)
-    assert len(failed.value.images) == 1
-    assert [f.code for f in failed.value.failures] == ["job_timeout"]
-    assert (status.state, status.succeeded, status.failed) == ("partial", 1, 1)
-    assert list(kept) == [failed.value.images[0].index]
+    made = len(failed.value.images)
+    assert made in (1, 2), made
+    assert [f.code for f in failed.value.failures] == ["job_timeout"] * (3 - made)
+    assert (status.state, status.succeeded, status.failed) == ("partial", made, 3 - made)
+    assert sorted(kept) == sorted(image.index for image in failed.value.images)
 
 
 async def test_a_preset_fills_in_what_the_request_leaves_out(stack: Stack) -> None:
