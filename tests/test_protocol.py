@@ -32,6 +32,7 @@ from imagebus.protocol import (
     validate_request,
 )
 from imagebus.protocol import subjects as s
+from imagebus.protocol.auth import EventKey, assignment_key, new_secret
 
 LIMITS = Limits()
 
@@ -167,15 +168,36 @@ def test_kept_images_reassemble_only_when_whole_and_matching() -> None:
     messages = results.copy_messages("job1", 3, png, max_payload=2048 + 1024)
     assert len(messages) == 5
     stored = [(m.subject, m.headers, m.payload) for m in messages]
-    assert results.assemble(reversed(stored)) == {3: png}  # order does not matter
-    assert results.assemble(stored[:-1]) == {}  # a chunk missing: no copy
+    assert results.assemble(reversed(stored)).images == {3: png}  # order does not matter
+    assert results.assemble(stored[:-1]).images == {}  # a chunk missing: no copy
     tampered = [*stored[:-1], (stored[-1][0], stored[-1][1], b"x" * len(stored[-1][2]))]
-    assert results.assemble(tampered) == {}  # digest mismatch: no copy
+    assert results.assemble(tampered).images == {}  # digest mismatch: no copy
     other = results.copy_messages("job1", 0, b"small", max_payload=1 << 20)
-    assert results.assemble([*stored, *[(m.subject, m.headers, m.payload) for m in other]]) == {
-        0: b"small",
-        3: png,
-    }
+    both = [*stored, *[(m.subject, m.headers, m.payload) for m in other]]
+    assert results.assemble(both).images == {0: b"small", 3: png}
+
+
+def test_a_kept_copy_verifies_under_its_assignments_key_only() -> None:
+    """Chunks of a forged copy interleaved with the real one's do not mix with them; the
+    first copy that verifies wins, even when a forged one comes first or last."""
+    secret, png = new_secret(), bytes(range(256)) * 40
+    key = EventKey(assignment_key(secret, "job1", 3, 2), attempt=2)
+    real = results.copy_messages("job1", 3, png, max_payload=2048 + 1024, key=key)
+    assert len({m.headers[s.HEADER_MSG_ID] for m in real}) == 5
+    assert real[0].headers[s.HEADER_MSG_ID].startswith("job1.3.2.")  # its MAC in it
+    wrong_image = EventKey(assignment_key(secret, "job1", 2, 2), attempt=2)
+    forgeries = [
+        results.copy_messages("job1", 3, b"forged", max_payload=1 << 20),  # no MAC
+        results.copy_messages("job1", 3, b"forged", 1 << 20, key=wrong_image),
+        results.copy_messages("job1", 3, b"forged", 1 << 20, key=EventKey(new_secret(), 1)),
+    ]
+    stored = [(m.subject, m.headers, m.payload) for m in [*forgeries[0], *real, *forgeries[1]]]
+    stored.insert(2, *[(m.subject, m.headers, m.payload) for m in forgeries[2]])
+    kept = results.assemble(stored, results.verified_by(secret, "job1"))
+    assert kept.images == {3: png}
+    assert [index for index, _ in kept.skipped] == [3, 3, 3]
+    assert results.assemble(stored).images == {3: b"forged"}  # unchecked: the first
+    assert results.assemble(stored, results.verified_by(new_secret(), "job1")).images == {}
 
 
 REQUEST_OPTIONS: list[dict[str, Any]] = [

@@ -1,20 +1,14 @@
-"""What a verification works on and finds: the image to verify (Sample), its copy
-in the results stream, and the evidence of a verdict (digests and scores)."""
+"""What a verification works on and finds: the image to verify (Sample) and the
+evidence of a verdict (digests and scores)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from ..db import Verdict
-from ..protocol import Dialect, ImageParams, results
-from ..protocol import subjects as s
+from ..protocol import Dialect, ImageParams
 from ..protocol.auth import EventKey
 from ..verification import Comparison
 
@@ -34,6 +28,8 @@ class Sample:
     # The job's orchestrator key: a correction is MAC'd like the orchestrator's other
     # events (None for a request without a secret, e.g. the prototype's clients).
     event_key: EventKey | None = None
+    # The job's secret: only the kept copy MAC'd by its assignment is the original.
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class Evidence:
@@ -88,28 +84,3 @@ def _scores(check: Comparison) -> dict[str, Any]:
         "ssim": check.ssim,
         "reason": check.reason,
     }
-
-
-async def kept_image(nc: Client, job_id: str, index: int, timeout_s: float = 2.0) -> bytes | None:
-    """One image's copy in the results stream (whole and checked), if it is there."""
-    js = nc.jetstream()
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=30.0, mem_storage=True,
-    )  # fmt: skip
-    subscription = await js.pull_subscribe(
-        s.results_subject(job_id, index), stream=s.RESULTS_STREAM, config=config
-    )
-    stored: list[tuple[str, dict[str, str], bytes]] = []
-    try:
-        pending = (await subscription.consumer_info()).num_pending or 0
-        while len(stored) < pending:
-            try:
-                batch = await subscription.fetch(batch=64, timeout=timeout_s)
-            except (NatsTimeoutError, TimeoutError):
-                break
-            stored += [(m.subject, m.headers or {}, m.data) for m in batch]
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-    return results.assemble(stored).get(index)

@@ -3,28 +3,26 @@
 JetStream redelivers the request with the same job id and seeds. The images still
 being made on workers are adopted: their workers report here from now on
 (adoption.py). The images its workers already made are kept in the results stream:
-they are read back, sent to the requester again (its Job handle drops copies it
+they are read back (with the job's secret, only copies MAC'd by the image's
+assignment: kept.py), sent to the requester again (its Job handle drops copies it
 already has) and recorded as done. Only the rest are made.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from structlog.typing import FilteringBoundLogger
 
 from ..db import Record, TaskUpdate
-from ..protocol import TaskResult, TaskState, events, results
-from ..protocol import subjects as s
+from ..protocol import TaskResult, TaskState, events
 from ..protocol.events import Outbound
 from .adoption import adopt_running_tasks
 from .jobs import RunningJob
+from .kept import read_kept
 from .watch import Watch
 
 
@@ -54,7 +52,7 @@ async def take_over(
         unanswered=range(job.request.n), live_workers=live_workers, watches=watches,
     )  # fmt: skip
     try:
-        kept = await kept_images(nc, job.job_id)
+        kept = await read_kept(nc, job.job_id, job.secret, log)
     except Exception as exc:  # no results stream, say: make them all again
         log.warning("kept images not readable; making every image", error=repr(exc))
         kept = {}
@@ -81,31 +79,3 @@ async def take_over(
         images_to_make=len(left) - len(adopted),
     )
     return Takeover(left, adopted)
-
-
-async def kept_images(nc: Client, job_id: str, timeout_s: float = 5.0) -> dict[int, bytes]:
-    """The job's images kept in the results stream, by index (whole and checked only)."""
-    js = nc.jetstream()
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=30.0,
-        mem_storage=True,
-    )
-    subscription = await js.pull_subscribe(
-        s.results_subject(job_id), stream=s.RESULTS_STREAM, config=config
-    )
-    stored: list[tuple[str, dict[str, str], bytes]] = []
-    try:
-        # Asked first, so that a job with nothing kept costs no fetch timeout.
-        pending = (await subscription.consumer_info()).num_pending or 0
-        while len(stored) < pending:
-            try:
-                batch = await subscription.fetch(batch=256, timeout=timeout_s)
-            except (NatsTimeoutError, TimeoutError):
-                break  # what is read so far is used
-            stored += [(m.subject, m.headers or {}, m.data) for m in batch]
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-    return results.assemble(stored)

@@ -50,8 +50,9 @@ from ..protocol import (
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
 from ..verification import DeterminismClass, compare
-from .evidence import Evidence, Sample, kept_image
+from .evidence import Evidence, Sample
 from .jobs import RunningJob
+from .kept import read_kept
 from .registry import Registry
 from .trust import TrustBook
 
@@ -133,7 +134,7 @@ class Verifier:
         sample = Sample(
             job.job_id, report.index, report.worker_id, job.seeds[report.index],
             job.request.params_for(report.index), job.inbox, job.dialect, report.seconds,
-            job.event_key,
+            job.event_key, job.secret,
         )  # fmt: skip
         self.verify_s += sample.seconds
         task = asyncio.create_task(self._verify(sample), name=f"imagebus-verify-{job.job_id}")
@@ -279,7 +280,10 @@ class Verifier:
         """The image as the requester got it: its kept copy (the worker publishes it
         alongside the result, without waiting: it may land a moment after the report)."""
         for _ in range(tries):
-            png = await kept_image(self.nc, sample.job_id, sample.index)
+            kept = await read_kept(
+                self.nc, sample.job_id, sample.secret, self._log, sample.index, timeout_s=2.0
+            )
+            png = kept.get(sample.index)
             if png is not None:
                 return png
             await asyncio.sleep(0.3)

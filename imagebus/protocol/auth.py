@@ -11,7 +11,9 @@ HMAC-SHA256 under that secret, over length-prefixed fields:
 - an event's MAC: HMAC(key, "event" | kind | job id | index | attempt | payload), in
   the `Imagebus-Mac` header, with the attempt (0: the orchestrator's key) in
   `Imagebus-Attempt`;
-- a cancel's proof: HMAC(secret, "cancel"), in JobCancel.proof.
+- a cancel's proof: HMAC(secret, "cancel"), in JobCancel.proof;
+- a kept copy's MAC (results stream): the event MAC of kind "kept" over the image's
+  SHA-256 (hex), by the key of the assignment that made it, in the same two headers.
 
 The requester holds the secret, so it derives every key and checks every event; a
 worker holds one image's key only, and cannot speak for the job or another image.
@@ -45,6 +47,11 @@ _ATTEMPT_RE = re.compile(r"^[0-9]{1,9}$")
 # Events only the orchestrator sends (a worker's key never makes them): a correction is
 # the verifier's image, sent by the orchestrator that verified the forged one.
 _JOB_EVENTS = frozenset({EVENT_ACCEPTED, EVENT_REJECTED, EVENT_CORRECTION})
+
+
+# The MAC "kind" of a kept copy in the results stream (never an event's kind, so an
+# event's MAC is never a kept copy's, nor the other way round).
+KEPT_COPY = "kept"
 
 
 class AuthError(ValueError):
@@ -131,6 +138,10 @@ class EventKey:
         mac = event_mac(self.key, kind, job_id, index, self.attempt, payload)
         return {HEADER_EVENT_MAC: mac.hex(), HEADER_EVENT_ATTEMPT: str(self.attempt)}
 
+    def kept_copy_headers(self, job_id: str, index: int, sha256: str) -> dict[str, str]:
+        """The MAC of a kept copy of image `index`, whose PNG has this SHA-256 (hex)."""
+        return self.headers(KEPT_COPY, job_id, index, sha256.encode())
+
 
 def orchestrator_event_key(secret: bytes | None) -> EventKey | None:
     return None if secret is None else EventKey(orchestrator_key(secret))
@@ -178,6 +189,13 @@ class EventVerifier:
         if not hmac.compare_digest(mac, event_mac(key, kind, job_id, index, attempt, payload)):
             return "MAC does not verify"
         return None
+
+    def why_not_kept(
+        self, job_id: str, index: int, sha256: str, headers: Mapping[str, str] | None
+    ) -> str | None:
+        """None if a kept copy of image `index` with this SHA-256 (hex) was made by one
+        of its assignments (or the orchestrator); else why not."""
+        return self.why_not(KEPT_COPY, job_id, index, sha256.encode(), headers)
 
     def _assignment_key(self, job_id: str, index: int, attempt: int) -> bytes:
         named = (job_id, index, attempt)

@@ -2,74 +2,132 @@
 
 One subject per image, `imagebus.results.<job id>.<index>`, holding the PNG as
 numbered chunks (one for any image below the server's max_payload). Each chunk
-carries `Nats-Msg-Id` `<job>.<index>.<chunk>`, so if a re-assigned image is made
-twice, JetStream keeps the first copy whole and drops the second; the last-chunk
-count and the SHA-256 on every chunk let a reader check what it reassembles.
+carries the image's SHA-256 and the chunk count, so a reader checks what it
+reassembles. A copy of a job with a secret also carries, on every chunk, the MAC
+of the assignment that made it over the job id, index, attempt and SHA-256
+(`Imagebus-Mac`, `Imagebus-Attempt`: protocol/auth.py), so a reader holding the
+secret tells the worker's copy from a forged one (any worker's key may publish
+into the stream).
+
+Each chunk's `Nats-Msg-Id` is `<job>.<index>[.<attempt>.<MAC prefix>].<chunk>`: a
+copy sent twice is stored once, and a copy published first under another's
+Nats-Msg-Id cannot crowd out the MAC'd one (it cannot know its MAC). An image made
+twice (re-assigned) may be kept twice; readers take the first copy that verifies.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import subjects as s
+from .auth import EventKey, EventVerifier
 from .events import Outbound
 
 # Room left in each message for its headers, which the server counts too.
 _HEADER_ROOM = 1024
+# Hex digits of the MAC in a keyed copy's Nats-Msg-Id (64 bits: unguessable).
+_MSG_ID_MAC_DIGITS = 16
+
+# Why a whole copy of image (index) with (SHA-256, headers) is not to be used, or None.
+CopyCheck = Callable[[int, str, Mapping[str, str]], str | None]
 
 
-def copy_messages(job_id: str, index: int, png: bytes, max_payload: int) -> list[Outbound]:
-    """The messages that keep `png` as image `index` of `job_id`."""
+def copy_messages(
+    job_id: str, index: int, png: bytes, max_payload: int, key: EventKey | None = None
+) -> list[Outbound]:
+    """The messages that keep `png` as image `index` of `job_id`, MAC'd with the
+    assignment's `key` (None: a job without a secret, e.g. the prototype's clients)."""
     size = max(max_payload - _HEADER_ROOM, 1)
     pieces = [png[i : i + size] for i in range(0, len(png), size)] or [b""]
     digest = hashlib.sha256(png).hexdigest()
     subject = s.results_subject(job_id, index)
+    signed: dict[str, str] = {}
+    copy_id = f"{job_id}.{index}"
+    if key is not None:
+        signed = key.kept_copy_headers(job_id, index, digest)
+        copy_id += f".{key.attempt}.{signed[s.HEADER_EVENT_MAC][:_MSG_ID_MAC_DIGITS]}"
     return [
         Outbound(
             subject,
             piece,
             {
-                s.HEADER_MSG_ID: f"{job_id}.{index}.{k}",
+                s.HEADER_MSG_ID: f"{copy_id}.{k}",
                 s.HEADER_CHUNK: str(k),
                 s.HEADER_CHUNKS: str(len(pieces)),
                 s.HEADER_SHA256: digest,
+                **signed,
             },
         )
         for k, piece in enumerate(pieces)
     ]
 
 
+def verified_by(secret: bytes, job_id: str) -> CopyCheck:
+    """The check of a job's kept copies by the holder of its secret: only a copy MAC'd
+    by one of the image's assignments (or the orchestrator) passes."""
+    verifier = EventVerifier(secret)
+
+    def check(index: int, sha256: str, headers: Mapping[str, str]) -> str | None:
+        return verifier.why_not_kept(job_id, index, sha256, headers)
+
+    return check
+
+
 @dataclass
-class _Pieces:
+class _Copy:
+    index: int
     chunks: int
     sha256: str
+    headers: Mapping[str, str]
     parts: dict[int, bytes] = field(default_factory=dict)
 
 
-def assemble(messages: Iterable[tuple[str, dict[str, str], bytes]]) -> dict[int, bytes]:
-    """Images by index from (subject, headers, payload) of stored chunks.
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What a job's kept copies give: its images by index, and the whole copies that
+    were passed over, as (index, why), e.g. a forged copy whose MAC does not verify."""
 
-    An image whose chunks are incomplete or whose digest does not match is left
-    out: better no copy than a wrong one.
+    images: dict[int, bytes]
+    skipped: list[tuple[int, str]]
+
+
+def assemble(
+    messages: Iterable[tuple[str, Mapping[str, str], bytes]], check: CopyCheck | None = None
+) -> Kept:
+    """Images by index from (subject, headers, payload) of stored chunks, in stream order.
+
+    Chunks belong to one copy when they name the same index, digest, chunk count and
+    MAC. A copy whose chunks are incomplete or whose digest does not match is left out
+    (better no copy than a wrong one); so is one that `check` refuses. Of several
+    copies of one image, the first in the stream that is whole and passes wins.
     """
-    images: dict[int, _Pieces] = {}
+    copies: dict[tuple[object, ...], _Copy] = {}
     for subject, headers, payload in messages:
         try:
             index = int(subject.rsplit(".", 1)[1])
-            chunk = int(headers[s.HEADER_CHUNK])
-            pieces = images.setdefault(
-                index, _Pieces(int(headers[s.HEADER_CHUNKS]), headers[s.HEADER_SHA256])
-            )
+            chunk, chunks = int(headers[s.HEADER_CHUNK]), int(headers[s.HEADER_CHUNKS])
+            digest = headers[s.HEADER_SHA256]
         except (KeyError, ValueError, IndexError):
             continue  # not a chunk this version wrote
-        pieces.parts.setdefault(chunk, payload)
-    complete = {}
-    for index, pieces in images.items():
-        if len(pieces.parts) != pieces.chunks:
+        mac, attempt = headers.get(s.HEADER_EVENT_MAC), headers.get(s.HEADER_EVENT_ATTEMPT)
+        named = (index, digest, chunks, mac, attempt)
+        copy = copies.get(named)
+        if copy is None:
+            copy = copies[named] = _Copy(index, chunks, digest, headers)
+        copy.parts.setdefault(chunk, payload)
+    images: dict[int, bytes] = {}
+    skipped: list[tuple[int, str]] = []
+    for copy in copies.values():
+        if len(copy.parts) != copy.chunks:
             continue
-        png = b"".join(pieces.parts[k] for k in range(pieces.chunks) if k in pieces.parts)
-        if hashlib.sha256(png).hexdigest() == pieces.sha256:
-            complete[index] = png
-    return dict(sorted(complete.items()))
+        png = b"".join(copy.parts.get(k, b"") for k in range(copy.chunks))
+        if hashlib.sha256(png).hexdigest() != copy.sha256:
+            continue
+        why_not = None if check is None else check(copy.index, copy.sha256, copy.headers)
+        if why_not is not None:
+            skipped.append((copy.index, why_not))  # every one, also after the winner
+        else:
+            images.setdefault(copy.index, png)
+    return Kept(dict(sorted(images.items())), skipped)

@@ -21,7 +21,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..connections import ConnectionEvents, connect
 from ..protocol import (
@@ -35,18 +34,19 @@ from ..protocol import (
     encode,
     encode_request,
     request_headers,
-    results,
 )
 from ..protocol import subjects as s
 from ..protocol.auth import new_secret
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
+from .kept import read_kept
 from .storing import DEFAULT_SUBMIT_TIMEOUT_S, RequestStore
 
 T = TypeVar("T")
 
 _RECORD_LAG_S = 5.0
+_KEPT_SECRETS = 4096
 
 
 class ImageBusClient:
@@ -82,6 +82,11 @@ class ImageBusClient:
         # subjects after every change to its subscriptions).
         self._events_prefix: str | None = None
         self._jobs: dict[str, Job] = {}
+        # The secrets of jobs submitted here that have ended, by job id (the newest
+        # _KEPT_SECRETS), so that `fetch` checks their kept copies too.
+        self._secrets: dict[str, bytes] = {}
+        # Kept copies `fetch` passed over because their MAC did not verify.
+        self.kept_copies_skipped = 0
 
     async def __aenter__(self) -> ImageBusClient:
         self.nc = await connect(
@@ -162,6 +167,11 @@ class ImageBusClient:
 
         def release() -> None:
             self._jobs.pop(token, None)
+            if job.job_id is not None and job.secret is not None:
+                self._secrets.pop(job.job_id, None)
+                self._secrets[job.job_id] = job.secret
+                if len(self._secrets) > _KEPT_SECRETS:
+                    del self._secrets[next(iter(self._secrets))]
 
         job._release = release
         return job
@@ -279,45 +289,29 @@ class ImageBusClient:
                 raise ImageBusError(f"job {job_id} still {status.state} after {timeout:g}s")
             await asyncio.sleep(poll_s)
 
-    async def fetch(self, job_id: str, timeout: float = 30.0) -> dict[int, bytes]:
-        """The job's images kept in the results stream, by index (checked by SHA-256)."""
+    def _secret_of(self, job_id: str) -> bytes | None:
+        live = (job.secret for job in self._jobs.values() if job.job_id == job_id)
+        return next(live, None) or self._secrets.get(job_id)
+
+    async def fetch(
+        self, job_id: str, timeout: float = 30.0, *, secret: bytes | None = None
+    ) -> dict[int, bytes]:
+        """The job's images kept in the results stream, by index (checked by SHA-256).
+
+        With the job's secret (`secret`, or that of a job submitted by this client),
+        only copies MAC'd by the image's assignment are taken: a copy forged into the
+        stream is skipped, logged and counted in `kept_copies_skipped`. Without one,
+        the first whole copy of each image is taken, unchecked (docs/security.md).
+        """
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         if not s.is_valid_job_id(job_id):
             raise ImageBusError(f"{job_id!r} is not a job id", "invalid_request")
-        js = self.nc.jetstream()
-        # A short-lived pull consumer over this job's subjects only: it reads just
-        # the job's chunks, at the speed of the fetch (no push flow-control stalls).
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.ALL,
-            inactive_threshold=30.0,
-            mem_storage=True,
-        )
-        try:
-            subscription = await js.pull_subscribe(
-                s.results_subject(job_id), stream=s.RESULTS_STREAM, config=config
-            )
-        except Exception as exc:  # no results stream yet (no orchestrator ever ran)
-            raise ImageBusError(f"no results kept for job {job_id}: {exc}", "not_found") from None
-        stored: list[tuple[str, dict[str, str], bytes]] = []
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    batch = await subscription.fetch(batch=256, timeout=1.0)
-                except (NatsTimeoutError, TimeoutError):
-                    break  # nothing (more) stored for this job
-                stored += [(m.subject, m.headers or {}, m.data) for m in batch]
-                if batch and batch[-1].metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-        images = results.assemble(stored)
-        if not images:
+        kept = await read_kept(self.nc, job_id, secret or self._secret_of(job_id), timeout)
+        self.kept_copies_skipped += len(kept.skipped)
+        if not kept.images:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
-        return images
+        return kept.images
 
     async def orchestrator_stats(
         self, wait: float = 0.5, *, reset: bool = False

@@ -173,7 +173,9 @@ class TaskRuns:
         # on another worker, and answers the requester itself if none succeeds.
         if not running.reassigned and for_the_requester(result):
             if result.ok and result.png is not None:
-                await self._delivery.keep(assignment.job_id, assignment.index, result.png)
+                await self._delivery.keep(
+                    assignment.job_id, assignment.index, result.png, running.event_key
+                )
             if not await self._delivery.deliver(messages, dialect):
                 log.warning("requester did not confirm the result; giving up on it")
         if result.ok:

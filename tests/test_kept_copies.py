@@ -1,0 +1,119 @@
+"""Kept copies of images are authentic (docs/security.md): any worker's key may publish
+into the results stream, under any job id, so a forged copy of another job's image is
+published there, before the image is made and after, with no MAC, a wrong one, or a
+valid MAC under another job's key. `ImageBusClient.fetch` (holding the job's secret,
+or given it) and the orchestrator's reading of kept copies (what a take-over re-sends,
+what verification compares) get the worker's image, and count the forged copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+import structlog
+from nats.aio.client import Client
+from PIL import Image
+
+from imagebus.embedded import NatsServer
+from imagebus.orchestrator import Orchestrator
+from imagebus.protocol import subjects as s
+from imagebus.protocol.auth import assignment_key, event_mac
+from imagebus.requester import ImageBusClient
+from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
+from imagebus.worker import Worker
+from imagebus.worker.engine import DiffusionEngine
+
+from .test_permissions import _connect, server, url, violations
+
+__all__ = ["server"]  # the permissions test's nats-server fixture, used here too
+
+pytestmark = pytest.mark.faults
+
+
+def _png(colour: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _forge_copy(
+    forger: Client, job_id: str, png: bytes, msg_id: str, mac: bytes | str | None = None
+) -> None:
+    """Store `png` as image 0 of `job_id` in the results stream, as one whole chunk
+    (built by hand, as a rogue worker would); `mac`: its Imagebus-Mac, attempt 1."""
+    headers = {
+        s.HEADER_MSG_ID: msg_id,
+        s.HEADER_CHUNK: "0",
+        s.HEADER_CHUNKS: "1",
+        s.HEADER_SHA256: hashlib.sha256(png).hexdigest(),
+    }
+    if mac is not None:
+        headers[s.HEADER_EVENT_MAC] = mac if isinstance(mac, str) else mac.hex()
+        headers[s.HEADER_EVENT_ATTEMPT] = "1"
+    ack = await forger.jetstream().publish(s.results_subject(job_id, 0), png, headers=headers)
+    assert not ack.duplicate, "the forged copy was not stored"
+
+
+async def test_forged_kept_copies_are_skipped_by_fetch_and_by_the_orchestrator(
+    server: NatsServer, database_url: str, tiny_engine: DiffusionEngine
+) -> None:
+    orchestrator = Orchestrator(
+        OrchestratorSettings(database_url, bus=BusSettings(url(server, "orchestrator"), None))
+    )
+    await orchestrator.start()
+    errors: list[str] = []
+    forger = await _connect(server, "gpu-1", errors)  # a worker's own credentials
+    worker: Worker | None = None
+    try:
+        async with ImageBusClient(url(server, "alice"), inbox_prefix="_INBOX.alice") as client:
+            # Accepted while no worker runs: the forger, given another image of the job,
+            # would know its id this early.
+            job = await client.submit("the real one", width=64, height=64, steps=2)
+            job_id = await job.accepted()
+            other = await client.submit("another job", width=64, height=64, steps=2)
+            other_key = assignment_key(other.secret or b"", await other.accepted(), 0, 1)
+            forged_sha = hashlib.sha256(_png("blue")).hexdigest().encode()
+            # Before the image is made: under the Nats-Msg-Id the worker's copy once
+            # had (so that JetStream dropped the real copy as a duplicate), with a wrong
+            # MAC, and with a MAC under another job's assignment key.
+            await _forge_copy(forger, job_id, _png("red"), f"{job_id}.0.0")
+            await _forge_copy(forger, job_id, _png("green"), "forged-2", "ab" * 32)
+            mac = event_mac(other_key, "kept", job_id, 0, 1, forged_sha)
+            await _forge_copy(forger, job_id, _png("blue"), "forged-3", mac)
+            worker = Worker(
+                WorkerSettings(
+                    "gpu-1", bus=BusSettings(url(server, "gpu-1"), None, "_INBOX.gpu-1")
+                ),
+                engine=tiny_engine,
+            )
+            await worker.start()
+            real = (await job.wait(60))[0].png
+            await other.wait(60)
+            # After it is kept: a later copy, without MAC and with a wrong one.
+            await _forge_copy(forger, job_id, _png("yellow"), "forged-4")
+            await _forge_copy(forger, job_id, _png("white"), "forged-5", "cd" * 32)
+
+            fetched = await client.fetch(job_id)
+            assert fetched == {0: real}, "fetch returned a forged copy"
+            assert client.kept_copies_skipped == 5
+        # Another process, given the job's secret.
+        async with ImageBusClient(
+            url(server, "alice"), inbox_prefix="_INBOX.alice"
+        ) as other_client:
+            assert await other_client.fetch(job_id, secret=job.secret) == {0: real}
+        # What a take-over re-sends and a verification compares.
+        from imagebus.orchestrator.kept import read_kept
+
+        assert orchestrator.nc is not None
+        log = structlog.get_logger()
+        assert await read_kept(orchestrator.nc, job_id, job.secret, log) == {0: real}
+        assert await read_kept(orchestrator.nc, job_id, job.secret, log, index=0) == {0: real}
+    finally:
+        await forger.close()
+        if worker is not None:
+            await worker.stop(grace_s=5)
+        await orchestrator.stop(grace_s=5)
+    # The forger stayed within a worker's permissions: that is the gap closed here.
+    assert violations(server) == []
