@@ -2,14 +2,16 @@
 into the results stream, under any job id, so a forged copy of another job's image is
 published there, before the image is made and after, with no MAC, a wrong one, or a
 valid MAC under another job's key. `ImageBusClient.fetch` (holding the job's secret,
-or given it) and the orchestrator's reading of kept copies (what a take-over re-sends,
-what verification compares) get the worker's image, and count the forged copies.
+given it, or by job id alone), `imagebus job fetch` and the orchestrator's reading of
+kept copies (what a take-over re-sends, what verification compares) get the worker's
+image, and count the forged copies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import pytest
 import structlog
@@ -25,6 +27,7 @@ from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
 from imagebus.worker import Worker
 from imagebus.worker.engine import DiffusionEngine
 
+from .helpers import SETTLE_S, run_cli
 from .test_permissions import _connect, server, url, violations
 
 __all__ = ["server"]  # the permissions test's nats-server fixture, used here too
@@ -57,7 +60,7 @@ async def _forge_copy(
 
 
 async def test_forged_kept_copies_are_skipped_by_fetch_and_by_the_orchestrator(
-    server: NatsServer, database_url: str, tiny_engine: DiffusionEngine
+    server: NatsServer, database_url: str, tiny_engine: DiffusionEngine, tmp_path: Path
 ) -> None:
     orchestrator = Orchestrator(
         OrchestratorSettings(database_url, bus=BusSettings(url(server, "orchestrator"), None))
@@ -98,11 +101,20 @@ async def test_forged_kept_copies_are_skipped_by_fetch_and_by_the_orchestrator(
             fetched = await client.fetch(job_id)
             assert fetched == {0: real}, "fetch returned a forged copy"
             assert client.kept_copies_skipped == 5
-        # Another process, given the job's secret.
-        async with ImageBusClient(
-            url(server, "alice"), inbox_prefix="_INBOX.alice"
-        ) as other_client:
+        # Another process, given the job's secret; or with its id alone, checked against
+        # the digest the job's records hold (the worker's report).
+        assert await orchestrator.settle(SETTLE_S)
+        alice = url(server, "alice")
+        async with ImageBusClient(alice, inbox_prefix="_INBOX.alice") as other_client:
             assert await other_client.fetch(job_id, secret=job.secret) == {0: real}
+            assert await other_client.fetch(job_id) == {0: real}
+            assert other_client.kept_copies_skipped == 10
+        code, stdout, stderr = await run_cli(
+            "job", "fetch", job_id, "--out", str(tmp_path), "--nats-url", alice,
+            "--inbox-prefix", "_INBOX.alice",
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert Path(stdout.split()[0]).read_bytes() == real, "imagebus job fetch: a forged copy"
         # What a take-over re-sends and a verification compares.
         from imagebus.orchestrator.kept import read_kept
 

@@ -87,6 +87,7 @@ class TaskUpdate:
     seconds: float | None = None
     error: str | None = None
     error_code: str | None = None
+    sha256: str | None = None  # of the image made, as its worker reported it
 
 
 _TASK_UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(TaskUpdate))
@@ -296,14 +297,14 @@ async def _insert_jobs(
         # A task already there (its job served again) is updated as _update_tasks would.
         await conn.executemany(
             "INSERT INTO tasks (job_id, task_index, state, worker_id, recruit_attempts,"
-            " assigned_at, finished_at, seconds, error, error_code, seed)"
-            " VALUES ($1, $2, $3, $4, COALESCE($5, 0), $6, $7, $8, $9, $10, $11)"
+            " assigned_at, finished_at, seconds, error, error_code, sha256, seed)"
+            " VALUES ($1, $2, $3, $4, COALESCE($5, 0), $6, $7, $8, $9, $10, $11, $12)"
             f" ON CONFLICT (job_id, task_index) DO UPDATE SET {_TASK_CHANGES}",
             touched,
         )
 
 
-# What a TaskUpdate changes, from _task_changes' $1..$10: each field only if given.
+# What a TaskUpdate changes, from _task_changes' $1..$11: each field only if given.
 _TASK_CHANGES = (
     "state = $3,"
     " worker_id = COALESCE($4, tasks.worker_id),"
@@ -312,14 +313,15 @@ _TASK_CHANGES = (
     " finished_at = COALESCE($7, tasks.finished_at),"
     " seconds = COALESCE($8, tasks.seconds),"
     " error = COALESCE($9, tasks.error),"
-    " error_code = COALESCE($10, tasks.error_code)"
+    " error_code = COALESCE($10, tasks.error_code),"
+    " sha256 = COALESCE($11, tasks.sha256)"
 )
 
 
 def _task_changes(u: TaskUpdate) -> tuple[Any, ...]:
     return (
         u.job_id, u.index, u.state, u.worker_id, u.recruit_attempts, u.assigned_at,
-        u.finished_at, u.seconds, u.error, u.error_code,
+        u.finished_at, u.seconds, u.error, u.error_code, u.sha256,
     )  # fmt: skip
 
 
@@ -420,6 +422,7 @@ async def fetch_job_status(db: Database, job_id: str) -> JobStatus | None:
             error=t["error"],
             attempts=attempts.get(t["task_index"], 0),
             steps=job["steps"],
+            sha256=t["sha256"],
         )
         for t in tasks
     ]

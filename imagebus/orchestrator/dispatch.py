@@ -402,6 +402,7 @@ class Dispatcher:
                     seconds=report.seconds,
                     error=report.error,
                     error_code=report.code,
+                    sha256=report.sha256 if report.ok else None,
                 )
             )
 

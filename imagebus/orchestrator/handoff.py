@@ -10,6 +10,7 @@ already has) and recorded as done. Only the rest are made.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,7 +71,12 @@ async def take_over(
         for out in messages:
             await send(out)
         job.answered.add(index)
-        record(TaskUpdate(job.job_id, index, TaskState.DONE, finished_at=datetime.now(UTC)))
+        digest = hashlib.sha256(png).hexdigest()
+        record(
+            TaskUpdate(
+                job.job_id, index, TaskState.DONE, finished_at=datetime.now(UTC), sha256=digest
+            )
+        )
     left = [i for i in range(job.request.n) if i not in job.answered]
     log.info(
         "job taken over",

@@ -222,6 +222,8 @@ class TaskReport:
     # A Fault when not ok. A worker's fault was not sent to the requester: the
     # orchestrator retries it elsewhere and answers the requester itself.
     fault: str | None = None
+    # The SHA-256 (hex) of the image made, recorded: which kept copy is the worker's.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +319,9 @@ class TaskStatus:
     # and why, e.g. reason "no worker connected" (None when recorded state says it all).
     phase: str | None = None
     reason: str | None = None
+    # The SHA-256 (hex) of the image made, as its worker reported it: which kept copy
+    # is the worker's, for a fetch without the job's secret (None: not recorded).
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..connections import ConnectionEvents, connect
+from ..logs import get_logger
 from ..protocol import (
     FINAL_JOB_STATES,
     JobCancel,
@@ -34,13 +35,14 @@ from ..protocol import (
     encode,
     encode_request,
     request_headers,
+    results,
 )
 from ..protocol import subjects as s
 from ..protocol.auth import new_secret
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
-from .kept import read_kept
+from .kept import choose, read_stored, recorded
 from .storing import DEFAULT_SUBMIT_TIMEOUT_S, RequestStore
 
 T = TypeVar("T")
@@ -300,18 +302,39 @@ class ImageBusClient:
 
         With the job's secret (`secret`, or that of a job submitted by this client),
         only copies MAC'd by the image's assignment are taken: a copy forged into the
-        stream is skipped, logged and counted in `kept_copies_skipped`. Without one,
-        the first whole copy of each image is taken, unchecked (docs/security.md).
+        stream is skipped, logged and counted in `kept_copies_skipped`. Without one, the
+        job's records are asked meanwhile (one request): a copy is taken only if its
+        SHA-256 is the one its worker reported (docs/security.md).
         """
         if self.nc is None:
             raise RuntimeError("use `async with ImageBusClient(...)` first")
         if not s.is_valid_job_id(job_id):
             raise ImageBusError(f"{job_id!r} is not a job id", "invalid_request")
-        kept = await read_kept(self.nc, job_id, secret or self._secret_of(job_id), timeout)
+        secret = secret or self._secret_of(job_id)
+        check: results.CopyCheck | None
+        if secret is not None:
+            stored = await read_stored(self.nc, job_id, timeout)
+            check = results.verified_by(secret, job_id)
+        else:  # the job's records say which copy is its worker's: asked meanwhile
+            stored, check = await asyncio.gather(
+                read_stored(self.nc, job_id, timeout), self._recorded_digests(job_id)
+            )
+        kept = choose(job_id, stored, check)
         self.kept_copies_skipped += len(kept.skipped)
         if not kept.images:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
         return kept.images
+
+    async def _recorded_digests(self, job_id: str) -> results.CopyCheck | None:
+        """The check of a job's kept copies against its records; None (first whole copy
+        taken, unchecked) when no orchestrator answers for them."""
+        try:
+            return recorded(await self.job_status(job_id))
+        except ImageBusError as exc:
+            get_logger(job_id=job_id).warning(
+                "kept copies not checked: the job's records are not to be had", error=str(exc)
+            )
+            return None
 
     async def orchestrator_stats(
         self, wait: float = 0.5, *, reset: bool = False

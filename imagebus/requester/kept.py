@@ -1,28 +1,33 @@
 """Reading a job's kept images from the results stream, for `ImageBusClient.fetch`.
 
-With the job's secret, only copies MAC'd by one of the image's assignments are taken
-(any worker's key may publish into the stream: protocol/results.py); the others are
-logged and passed over. Without it, the first whole copy of each image is taken.
+Any worker's key may publish into the stream (protocol/results.py), so a copy is
+checked before it is taken: with the job's secret, by its assignment's MAC; without
+it, against the SHA-256 its worker reported, as the job's records hold it
+(`recorded`). The copies that fail are logged and passed over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..logs import get_logger
-from ..protocol import results
+from ..protocol import JobStatus, results
 from ..protocol import subjects as s
 from .job import ImageBusError
 
 _LOGGED_SKIPS = 10  # unverified copies logged one by one per read; beyond, counted
 
 
-async def read_kept(nc: Client, job_id: str, secret: bytes | None, timeout: float) -> results.Kept:
+async def read_stored(
+    nc: Client, job_id: str, timeout: float
+) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every chunk kept for the job, as (subject, headers, payload), in stream order."""
     js = nc.jetstream()
     # A short-lived pull consumer over this job's subjects only: it reads just
     # the job's chunks, at the speed of the fetch (no push flow-control stalls).
@@ -52,7 +57,30 @@ async def read_kept(nc: Client, job_id: str, secret: bytes | None, timeout: floa
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
-    check = None if secret is None else results.verified_by(secret, job_id)
+    return stored
+
+
+def recorded(status: JobStatus) -> results.CopyCheck:
+    """The check of kept copies against the digests the job's records hold: an image
+    whose digest is recorded is taken only from a copy with that digest; one whose
+    digest is not (not yet written, or a record older than the digests) unchecked."""
+    digests = {task.index: task.sha256 for task in status.tasks if task.sha256}
+
+    def check(index: int, sha256: str, headers: Mapping[str, str]) -> str | None:
+        wanted = digests.get(index)
+        if wanted is None or wanted == sha256:
+            return None
+        return "not the image its worker reported"
+
+    return check
+
+
+def choose(
+    job_id: str,
+    stored: list[tuple[str, dict[str, str], bytes]],
+    check: results.CopyCheck | None,
+) -> results.Kept:
+    """The job's images from its stored chunks, the copies that fail `check` logged."""
     kept = results.assemble(stored, check)
     log = get_logger(job_id=job_id)
     for index, why in kept.skipped[:_LOGGED_SKIPS]:

@@ -10,6 +10,7 @@ hears only the final outcome), or a cancellation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
 
 import structlog
@@ -86,4 +87,5 @@ def report_of(result: TaskResult, worker_id: str, seconds: float) -> TaskReport:
         code=result.code,
         png_bytes=len(result.png or b""),
         fault=result.fault,
+        sha256=None if result.png is None else hashlib.sha256(result.png).hexdigest(),
     )
