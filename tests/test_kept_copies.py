@@ -9,17 +9,21 @@ image, and count the forged copies.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import signal
 from pathlib import Path
 
 import pytest
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from PIL import Image
 
 from imagebus.embedded import NatsServer
 from imagebus.orchestrator import Orchestrator
+from imagebus.protocol import TaskResult, decode
 from imagebus.protocol import subjects as s
 from imagebus.protocol.auth import assignment_key, event_mac
 from imagebus.requester import ImageBusClient
@@ -27,7 +31,10 @@ from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
 from imagebus.worker import Worker
 from imagebus.worker.engine import DiffusionEngine
 
-from .helpers import SETTLE_S, run_cli
+from .conftest import Stack
+from .helpers import SETTLE_S, eventually, raw_client, run_cli, wait_for_orchestrator
+from .test_handoff import _spawn_orchestrator
+from .test_liveness import _SlowEngine, _start_worker
 from .test_permissions import _connect, server, url, violations
 
 __all__ = ["server"]  # the permissions test's nats-server fixture, used here too
@@ -129,3 +136,43 @@ async def test_forged_kept_copies_are_skipped_by_fetch_and_by_the_orchestrator(
         await orchestrator.stop(grace_s=5)
     # The forger stayed within a worker's permissions: that is the gap closed here.
     assert violations(server) == []
+
+
+async def test_a_take_over_re_sends_the_workers_copy_not_a_forged_one(stack: Stack) -> None:
+    """The orchestrator serving a job dies once its first image is made and kept; a
+    forged copy of that image was put into the stream first. The orchestrator taking
+    over re-sends the worker's image, under its own MAC."""
+    slow = _SlowEngine(stack.engine, step_s=0.4, warmup_s=0.4)
+    await _start_worker(stack, slow, "taken-over", slots=1)
+    doomed = await _spawn_orchestrator(stack, ack_wait_s=2.0)
+    await wait_for_orchestrator(stack.nats_url)
+    watcher = await raw_client(stack.nats_url)
+    re_sent: list[TaskResult] = []
+
+    async def on_result(msg: Msg) -> None:
+        if (msg.headers or {}).get(s.HEADER_EVENT_ATTEMPT) == "0":  # the orchestrator's
+            re_sent.append(decode(TaskResult, msg.data))
+
+    try:
+        async with ImageBusClient(stack.nats_url) as client:
+            job = await client.submit("taken over", width=64, height=64, steps=4, n=2)
+            await watcher.subscribe(s.event_subject(job.inbox, s.EVENT_RESULT), cb=on_result)
+            job_id = await job.accepted()
+            await _forge_copy(watcher, job_id, _png("red"), "forged-first")
+            while 0 not in job.results:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # its copy, published before the result, is stored
+            await stack.start_orchestrator(intake_ack_wait_s=2.0)
+            doomed.send_signal(signal.SIGKILL)
+            await doomed.wait()
+            images = await job.wait(60)
+            assert await eventually(lambda: bool(re_sent), 10.0), "nothing was re-sent"
+    finally:
+        await watcher.close()
+        if doomed.returncode is None:
+            doomed.send_signal(signal.SIGKILL)
+            await doomed.wait()
+    print(f"\ntake-over re-sent {[(r.index, len(r.png or b'')) for r in re_sent]}")
+    made = {image.index: image.png for image in images}
+    assert 0 in {r.index for r in re_sent}
+    assert all(r.png == made[r.index] for r in re_sent), "a forged copy re-sent"
