@@ -244,3 +244,40 @@ async def test_sampling_trusted_workers_stays_within_the_budget(stack: Stack) ->
     assert 1 <= figures["match"] < 16 and figures["skipped: over budget"] >= 1
     assert verifier.verify_s <= budget * verifier.work_s + verifier.work_s / 16 * 2
     assert figures["forged"] == 0 and figures["verifier lied"] == 0
+
+
+def test_whether_a_trusted_verifier_is_live_is_told_from_the_trusted_ids_alone() -> None:
+    """`TrustBook.has_verifier`, asked for every image a worker on probation makes, says
+    what `verifiers` (which looks through the whole pool) says, case by case."""
+    from imagebus.db import TRUSTED, TrustRow
+    from imagebus.logs import get_logger
+    from imagebus.orchestrator.registry import Registry
+    from imagebus.orchestrator.trust import TrustBook
+    from imagebus.protocol import RecruitCall, WorkerAdvert
+
+    registry = Registry()
+    blacklist: set[str] = set()
+    book = TrustBook(
+        None, registry, lambda: frozenset(blacklist), declared={"declared", "gone"},
+        log=get_logger(),
+    )  # fmt: skip
+    for worker_id, model in (("declared", "tiny"), ("by-record", "tiny"), ("new", "tiny"),
+                             ("other-model", "other")):  # fmt: skip
+        registry.update(WorkerAdvert(worker_id, [model], "cpu", 1, 1, 1 << 22, "idle"))
+    call = RecruitCall("job", 0, "orchestrator", 64, 64, 2, model="tiny")
+
+    def agree(exclude: set[str]) -> bool:
+        answer = book.has_verifier(call, exclude)
+        assert answer == bool(book.verifiers(call, exclude))
+        return answer
+
+    assert agree(set())  # the declared one
+    assert not agree({"declared"})  # "new" is on probation, "gone" never advertised
+    book.update(TrustRow("by-record", TRUSTED))
+    book.update(TrustRow("other-model", TRUSTED))  # trusted, but cannot make the image
+    assert agree({"declared"})
+    blacklist.add("by-record")
+    assert not agree({"declared"})
+    registry.breaker = type(registry.breaker)(failures=1)
+    registry.breaker.judge("declared", False)  # its breaker opens: it rests
+    assert not agree(set())

@@ -58,6 +58,7 @@ class TrustBook:
         self._task: asyncio.Task[None] | None = None
         self._warned_no_verifier = False
         self._view: tuple[float, frozenset[str], frozenset[str], bool] | None = None
+        self._trusted: frozenset[str] | None = None  # declared or trusted by record
         self._log = log
 
     # --- levels ------------------------------------------------------------------
@@ -75,7 +76,7 @@ class TrustBook:
 
     def update(self, row: TrustRow) -> None:
         self._rows[row.worker_id] = row
-        self._view = None
+        self._view = self._trusted = None
 
     def verifiers(self, call: RecruitCall, exclude: Iterable[str] = ()) -> list[str]:
         """Live trusted workers that could re-run `call` now (their breaker allows)."""
@@ -87,6 +88,24 @@ class TrustBook:
             and self.level(advert.worker_id) == TRUSTED
             and self.registry.fits(advert.worker_id, call)
         ]
+
+    def has_verifier(self, call: RecruitCall, exclude: Iterable[str] = ()) -> bool:
+        """Whether `verifiers` would name any. Asked for every image a worker on probation
+        makes, so it looks through the trusted ids only, not the whole pool."""
+        excluded = frozenset(exclude)
+        return any(
+            worker_id not in excluded
+            and self.level(worker_id) == TRUSTED
+            and self.registry.fits(worker_id, call)
+            for worker_id in self._trusted_ids()
+        )
+
+    def _trusted_ids(self) -> frozenset[str]:
+        """Every id trusted but for the blacklist: declared, or trusted by its record."""
+        if self._trusted is None:
+            by_record = (w for w, row in self._rows.items() if row.level == TRUSTED)
+            self._trusted = self.declared.union(by_record)
+        return self._trusted
 
     def held_back(
         self, watches: Mapping[tuple[str, int], Watch], trusted_only: bool
@@ -171,7 +190,7 @@ class TrustBook:
     async def refresh(self) -> None:
         if self.store is not None:
             self._rows = await self.store.rows()
-            self._view = None
+            self._view = self._trusted = None
 
     async def _run(self) -> None:
         """Other orchestrators' verdicts and `imagebus trust` arrive with the next refresh."""
