@@ -272,6 +272,8 @@ def test_whether_a_trusted_verifier_is_live_is_told_from_the_trusted_ids_alone()
         return answer
 
     assert agree(set())  # the declared one
+    # Every known worker on probation is held back from a trusted_only task.
+    assert book.held_back({}, trusted_only=True) == {"by-record", "new", "other-model"}
     assert not agree({"declared"})  # "new" is on probation, "gone" never advertised
     book.update(TrustRow("by-record", TRUSTED))
     book.update(TrustRow("other-model", TRUSTED))  # trusted, but cannot make the image

@@ -135,7 +135,7 @@ class TrustBook:
         out at most every `_VIEW_S`: dispatch asks for every task."""
         now = time.monotonic()
         if self._view is None or now - self._view[0] > _VIEW_S:
-            known = [(advert.worker_id, age) for advert, age in self.registry.listing()]
+            known = self.registry.ages()
             on_probation = [(w, age) for w, age in known if self.level(w) == PROBATION]
             self._view = (
                 now,
