@@ -283,3 +283,47 @@ def test_whether_a_trusted_verifier_is_live_is_told_from_the_trusted_ids_alone()
     registry.breaker = type(registry.breaker)(failures=1)
     registry.breaker.judge("declared", False)  # its breaker opens: it rests
     assert not agree(set())
+
+
+def test_the_tasks_each_worker_holds_are_counted_as_they_come_and_go() -> None:
+    """`Watches` keeps each worker's count of tasks (the trust book's probation limit
+    reads it for every task to dispatch), whichever way a task comes and goes."""
+    from imagebus.db import TRUSTED, TrustRow
+    from imagebus.logs import get_logger
+    from imagebus.orchestrator.registry import Registry
+    from imagebus.orchestrator.trust import TrustBook
+    from imagebus.orchestrator.watch import Watch, Watches
+    from imagebus.protocol import WorkerAdvert
+
+    loop = asyncio.new_event_loop()
+    try:
+
+        def watch(worker_id: str) -> Watch:
+            return Watch(worker_id, 1, loop.create_future())
+
+        watches = Watches()
+        watches[("a", 0)] = watch("new")
+        watches[("a", 1)] = watch("new")
+        watches[("b", 0)] = watch("trusted")
+        watches[("a", 1)] = watch("other")  # re-assigned: counted for its new worker only
+        assert watches.by_worker == {"new": 1, "trusted": 1, "other": 1}
+        assert watches.pop(("a", 1), None) is not None and watches.pop(("a", 1), None) is None
+        with pytest.raises(KeyError):
+            watches.pop(("a", 1))
+        del watches[("b", 0)]
+        assert watches.by_worker == {"new": 1} and list(watches) == [("a", 0)]
+        with pytest.raises(TypeError):
+            watches.clear()  # would leave the counts behind
+
+        registry = Registry()
+        book = TrustBook(None, registry, frozenset, log=get_logger(), probation_max_tasks=1)
+        for worker_id in ("new", "trusted", "other"):
+            registry.update(WorkerAdvert(worker_id, ["tiny"], "cpu", 4, 4, 1 << 22, "idle"))
+        book.update(TrustRow("trusted", TRUSTED))
+        assert book.held_back(watches, trusted_only=False) == {"new"}  # holds its one task
+        watches[("c", 0)] = watch("trusted")
+        watches.pop(("a", 0))
+        assert book.held_back(watches, trusted_only=False) == frozenset()
+        assert book.held_back(watches, trusted_only=True) == {"new", "other"}
+    finally:
+        loop.close()

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from structlog.typing import FilteringBoundLogger
 
@@ -29,7 +28,7 @@ from ..protocol import subjects as s
 from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
 from ..protocol.messages import LIVE_FOR_S
 from .registry import Registry
-from .watch import Watch
+from .watch import Watches
 
 # How long dispatch may use the same view of who is on probation (a new worker's first
 # advert, a graduation and a blacklisting take effect within it).
@@ -107,9 +106,7 @@ class TrustBook:
             self._trusted = self.declared.union(by_record)
         return self._trusted
 
-    def held_back(
-        self, watches: Mapping[tuple[str, int], Watch], trusted_only: bool
-    ) -> frozenset[str]:
+    def held_back(self, watches: Watches, trusted_only: bool) -> frozenset[str]:
         """The workers a task must not go to now: every worker on probation for a
         `trusted_only` task; otherwise those on probation holding their share of tasks."""
         known_on_probation, live_on_probation, trusted_live = self._pool_view()
@@ -126,8 +123,10 @@ class TrustBook:
                     "imagebus trust add)"
                 )
             return frozenset()
-        held = Counter(w.worker_id for w in watches.values() if w.worker_id in live_on_probation)
-        return frozenset(w for w, n in held.items() if n >= self.probation_max_tasks)
+        held = watches.by_worker.items()  # kept counted: no pass over every task per task
+        return frozenset(
+            w for w, n in held if n >= self.probation_max_tasks and w in live_on_probation
+        )
 
     def _pool_view(self) -> tuple[frozenset[str], frozenset[str], bool]:
         """(every known worker on probation, live or not: one whose adverts lag may still
