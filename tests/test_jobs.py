@@ -359,6 +359,7 @@ def test_cancelled_inboxes_are_kept_for_their_ttl_and_at_most_their_limit() -> N
     assert not kept.cancels("_INBOX.a.2", secret)  # expired
     kept.add("_INBOX.b", proof)  # adding drops the expired ones
     assert len(kept._until) == 1 and kept.cancels("_INBOX.b", secret)
+    assert kept._inboxes == {"_INBOX.b": 1}  # the inboxes asked about first: no leftovers
 
 
 async def test_a_cancel_while_a_worker_is_being_found_sends_it_no_image(stack: Stack) -> None:

@@ -177,3 +177,22 @@ def test_the_metrics_port_setting() -> None:
     for bad in ("0", "70000", "port", "-1"):
         with pytest.raises(ConfigError, match="IMAGEBUS_METRICS_PORT"):
             OrchestratorSettings.from_env({**env, "IMAGEBUS_METRICS_PORT": bad})
+
+
+def test_a_jobs_outcome_and_the_histograms_buckets_follow_their_rules() -> None:
+    """A finished job counts as its record will say (db/store.py's rule), and a value
+    falls in the first bucket whose upper bound is at least it (Prometheus' `le`)."""
+    from imagebus.orchestrator.figures import _Histogram, _job_outcome
+
+    cases = {
+        ("done",): "done", ("done", "done"): "done", ("cancelled",): "cancelled",
+        ("cancelled", "cancelled"): "cancelled", ("failed",): "failed",
+        ("failed", "cancelled"): "failed", ("done", "failed"): "partial",
+        ("cancelled", "done"): "partial", ("done", "failed", "cancelled"): "partial",
+    }  # fmt: skip
+    assert {outcomes: _job_outcome(outcomes) for outcomes in cases} == cases
+    histogram = _Histogram((0.1, 1.0, 10.0))
+    for value in (0.0, 0.1, 0.5, 1.0, 1.5, 10.0, 11.0):
+        histogram.observe(value)
+    frozen = histogram.frozen()
+    assert (frozen.counts, frozen.count, frozen.sum) == ([2, 4, 6], 7, 24.1)

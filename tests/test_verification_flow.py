@@ -244,3 +244,86 @@ async def test_sampling_trusted_workers_stays_within_the_budget(stack: Stack) ->
     assert 1 <= figures["match"] < 16 and figures["skipped: over budget"] >= 1
     assert verifier.verify_s <= budget * verifier.work_s + verifier.work_s / 16 * 2
     assert figures["forged"] == 0 and figures["verifier lied"] == 0
+
+
+def test_whether_a_trusted_verifier_is_live_is_told_from_the_trusted_ids_alone() -> None:
+    """`TrustBook.has_verifier`, asked for every image a worker on probation makes, says
+    what `verifiers` (which looks through the whole pool) says, case by case."""
+    from imagebus.db import TRUSTED, TrustRow
+    from imagebus.logs import get_logger
+    from imagebus.orchestrator.registry import Registry
+    from imagebus.orchestrator.trust import TrustBook
+    from imagebus.protocol import RecruitCall, WorkerAdvert
+
+    registry = Registry()
+    blacklist: set[str] = set()
+    book = TrustBook(
+        None, registry, lambda: frozenset(blacklist), declared={"declared", "gone"},
+        log=get_logger(),
+    )  # fmt: skip
+    for worker_id, model in (("declared", "tiny"), ("by-record", "tiny"), ("new", "tiny"),
+                             ("other-model", "other")):  # fmt: skip
+        registry.update(WorkerAdvert(worker_id, [model], "cpu", 1, 1, 1 << 22, "idle"))
+    call = RecruitCall("job", 0, "orchestrator", 64, 64, 2, model="tiny")
+
+    def agree(exclude: set[str]) -> bool:
+        answer = book.has_verifier(call, exclude)
+        assert answer == bool(book.verifiers(call, exclude))
+        return answer
+
+    assert agree(set())  # the declared one
+    # Every known worker on probation is held back from a trusted_only task.
+    assert book.held_back({}, trusted_only=True) == {"by-record", "new", "other-model"}
+    assert not agree({"declared"})  # "new" is on probation, "gone" never advertised
+    book.update(TrustRow("by-record", TRUSTED))
+    book.update(TrustRow("other-model", TRUSTED))  # trusted, but cannot make the image
+    assert agree({"declared"})
+    blacklist.add("by-record")
+    assert not agree({"declared"})
+    registry.breaker = type(registry.breaker)(failures=1)
+    registry.breaker.judge("declared", False)  # its breaker opens: it rests
+    assert not agree(set())
+
+
+def test_the_tasks_each_worker_holds_are_counted_as_they_come_and_go() -> None:
+    """`Watches` keeps each worker's count of tasks (the trust book's probation limit
+    reads it for every task to dispatch), whichever way a task comes and goes."""
+    from imagebus.db import TRUSTED, TrustRow
+    from imagebus.logs import get_logger
+    from imagebus.orchestrator.registry import Registry
+    from imagebus.orchestrator.trust import TrustBook
+    from imagebus.orchestrator.watch import Watch, Watches
+    from imagebus.protocol import WorkerAdvert
+
+    loop = asyncio.new_event_loop()
+    try:
+
+        def watch(worker_id: str) -> Watch:
+            return Watch(worker_id, 1, loop.create_future())
+
+        watches = Watches()
+        watches[("a", 0)] = watch("new")
+        watches[("a", 1)] = watch("new")
+        watches[("b", 0)] = watch("trusted")
+        watches[("a", 1)] = watch("other")  # re-assigned: counted for its new worker only
+        assert watches.by_worker == {"new": 1, "trusted": 1, "other": 1}
+        assert watches.pop(("a", 1), None) is not None and watches.pop(("a", 1), None) is None
+        with pytest.raises(KeyError):
+            watches.pop(("a", 1))
+        del watches[("b", 0)]
+        assert watches.by_worker == {"new": 1} and list(watches) == [("a", 0)]
+        with pytest.raises(TypeError):
+            watches.clear()  # would leave the counts behind
+
+        registry = Registry()
+        book = TrustBook(None, registry, frozenset, log=get_logger(), probation_max_tasks=1)
+        for worker_id in ("new", "trusted", "other"):
+            registry.update(WorkerAdvert(worker_id, ["tiny"], "cpu", 4, 4, 1 << 22, "idle"))
+        book.update(TrustRow("trusted", TRUSTED))
+        assert book.held_back(watches, trusted_only=False) == {"new"}  # holds its one task
+        watches[("c", 0)] = watch("trusted")
+        watches.pop(("a", 0))
+        assert book.held_back(watches, trusted_only=False) == frozenset()
+        assert book.held_back(watches, trusted_only=True) == {"new", "other"}
+    finally:
+        loop.close()

@@ -12,6 +12,7 @@ pool` (protocol/control.py) and feeds the orchestrator's own /metrics.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ BUCKET_S = 5.0  # the chart's resolution
 # images per window, the percentiles cover the latest MAX_SAMPLES images.
 MAX_SAMPLES = 10_000
 MAX_TRACKED_JOBS = 100_000  # jobs whose end was never seen here (taken over elsewhere)
+# Looked up once: every record passes here, and an enum member's lookup is not free.
+_RUNNING = TaskState.RUNNING
+_DONE = TaskState.DONE
+_ENDED = (TaskState.DONE, TaskState.FAILED)
+_LATE = AttemptOutcome.LATE
+_CANCELLED = ErrorCode.CANCELLED
 
 
 class _Rate:
@@ -80,10 +87,9 @@ class _Histogram:
     def observe(self, value: float) -> None:
         self.sum += value
         self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.buckets[i] += 1
-                return
+        i = bisect_left(self.bounds, value)  # the first bound >= value
+        if i < len(self.bounds):
+            self.buckets[i] += 1
 
     def frozen(self) -> Histogram:
         cumulative, total = [], 0
@@ -131,11 +137,11 @@ class PoolFigures:
         if job is None or record.index in job.final:
             return
         if isinstance(record, AttemptRecord):
-            if record.outcome != AttemptOutcome.LATE:
+            if record.outcome != _LATE:
                 job.queued.add(record.index)  # unanswered: it waits for a worker again
-        elif record.state == TaskState.RUNNING:
+        elif record.state == _RUNNING:
             self._assigned(job, record)
-        elif record.state in (TaskState.DONE, TaskState.FAILED):
+        elif record.state in _ENDED:
             self._task_ended(record.job_id, job, record)
 
     def _job_opened(self, row: JobRow) -> None:
@@ -165,14 +171,14 @@ class PoolFigures:
     def _task_ended(self, job_id: str, job: _Job, update: TaskUpdate) -> None:
         now = time.monotonic()
         job.queued.discard(update.index)
-        if update.state == TaskState.DONE:
+        if update.state == _DONE:
             outcome = "done"
             self._images_done.add(now)
             if update.seconds is not None:
                 self._model(job.model).generation.observe(update.seconds)
                 self._generations.append((now, update.seconds))
         else:
-            outcome = "cancelled" if update.error_code == ErrorCode.CANCELLED else "failed"
+            outcome = "cancelled" if update.error_code == _CANCELLED else "failed"
         job.final[update.index] = outcome
         self.tasks_by_outcome[outcome] += 1
         if len(job.final) >= job.n:
@@ -232,13 +238,12 @@ class PoolFigures:
 
 def _job_outcome(outcomes: Iterable[str]) -> str:
     """As the job's record will say (db/store.py's rule)."""
-    counted = Counter(outcomes)
-    total = sum(counted.values())
-    if counted["done"] == total:
+    kinds = set(outcomes)
+    if kinds <= {"done"}:
         return JobState.DONE.value
-    if counted["cancelled"] == total:
+    if kinds == {"cancelled"}:
         return JobState.CANCELLED.value
-    if counted["done"] == 0:
+    if "done" not in kinds:
         return JobState.FAILED.value
     return JobState.PARTIAL.value
 

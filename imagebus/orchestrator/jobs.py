@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -75,21 +76,34 @@ class CancelledInboxes:
         self.ttl_s = ttl_s
         self.limit = limit
         self._until: dict[tuple[str, bytes], float] = {}  # in the order they came
+        # How many of those name each inbox: every request served asks, and an inbox
+        # never cancelled is answered without deriving its secret's proof (an HMAC).
+        self._inboxes: Counter[str] = Counter()
 
     def add(self, inbox: str, proof: bytes | None) -> None:
         now = time.monotonic()
         key = (inbox, proof or b"")
-        self._until.pop(key, None)
+        if self._until.pop(key, None) is None:
+            self._inboxes[inbox] += 1
         self._until[key] = now + self.ttl_s
         while self._until and (
             len(self._until) > self.limit or next(iter(self._until.values())) < now
         ):
-            del self._until[next(iter(self._until))]
+            self._forget(next(iter(self._until)))
+
+    def _forget(self, key: tuple[str, bytes]) -> None:
+        del self._until[key]
+        inbox = key[0]
+        self._inboxes[inbox] -= 1
+        if not self._inboxes[inbox]:
+            del self._inboxes[inbox]
 
     def cancels(self, inbox: str, secret: bytes | None) -> bool:
         """Whether the job with this inbox and secret was cancelled by its owner."""
         if secret is None:
             return False  # no owner's proof possible: only an admin cancels it
+        if inbox not in self._inboxes:
+            return False
         return self._until.get((inbox, cancel_proof(secret)), 0.0) >= time.monotonic()
 
 

@@ -126,6 +126,12 @@ class Registry:
             key=lambda item: item[0].worker_id,
         )
 
+    def ages(self) -> list[tuple[str, float]]:
+        """Every worker heard of, by id, with seconds since (what `listing` gives, without
+        copying each advert)."""
+        now = time.monotonic()
+        return [(worker_id, now - seen) for worker_id, (_, seen) in self._workers.items()]
+
     def unfit_everywhere(self, call: RecruitCall, blacklisted: frozenset[str]) -> str | None:
         """Why no live, trusted worker could ever take `call`; None if one could, or if
         the registry cannot tell yet (just started, or no worker advertised)."""

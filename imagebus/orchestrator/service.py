@@ -61,7 +61,7 @@ from .metrics import serve_metrics
 from .registry import Registry
 from .senders import advert_problem, assigned_to_sender, from_sender, notice_problem
 from .verify import Verifier, start_verification
-from .watch import Watch
+from .watch import Watches
 
 
 class Orchestrator:
@@ -87,7 +87,7 @@ class Orchestrator:
         self._running_jobs: dict[str, RunningJob] = {}
         # The tasks assigned now, by (job id, index): dispatch watches them, the
         # workers' reports and heartbeats land in them.
-        self._watches: dict[tuple[str, int], Watch] = {}
+        self._watches = Watches()
         self._cancelled_inboxes = CancelledInboxes(settings.intake_max_age_s)
         self._log = get_logger(orchestrator_id=self.id)
 

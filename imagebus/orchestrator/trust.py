@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from structlog.typing import FilteringBoundLogger
 
@@ -29,7 +28,7 @@ from ..protocol import subjects as s
 from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
 from ..protocol.messages import LIVE_FOR_S
 from .registry import Registry
-from .watch import Watch
+from .watch import Watches
 
 # How long dispatch may use the same view of who is on probation (a new worker's first
 # advert, a graduation and a blacklisting take effect within it).
@@ -58,6 +57,7 @@ class TrustBook:
         self._task: asyncio.Task[None] | None = None
         self._warned_no_verifier = False
         self._view: tuple[float, frozenset[str], frozenset[str], bool] | None = None
+        self._trusted: frozenset[str] | None = None  # declared or trusted by record
         self._log = log
 
     # --- levels ------------------------------------------------------------------
@@ -75,7 +75,7 @@ class TrustBook:
 
     def update(self, row: TrustRow) -> None:
         self._rows[row.worker_id] = row
-        self._view = None
+        self._view = self._trusted = None
 
     def verifiers(self, call: RecruitCall, exclude: Iterable[str] = ()) -> list[str]:
         """Live trusted workers that could re-run `call` now (their breaker allows)."""
@@ -88,9 +88,25 @@ class TrustBook:
             and self.registry.fits(advert.worker_id, call)
         ]
 
-    def held_back(
-        self, watches: Mapping[tuple[str, int], Watch], trusted_only: bool
-    ) -> frozenset[str]:
+    def has_verifier(self, call: RecruitCall, exclude: Iterable[str] = ()) -> bool:
+        """Whether `verifiers` would name any. Asked for every image a worker on probation
+        makes, so it looks through the trusted ids only, not the whole pool."""
+        excluded = frozenset(exclude)
+        return any(
+            worker_id not in excluded
+            and self.level(worker_id) == TRUSTED
+            and self.registry.fits(worker_id, call)
+            for worker_id in self._trusted_ids()
+        )
+
+    def _trusted_ids(self) -> frozenset[str]:
+        """Every id trusted but for the blacklist: declared, or trusted by its record."""
+        if self._trusted is None:
+            by_record = (w for w, row in self._rows.items() if row.level == TRUSTED)
+            self._trusted = self.declared.union(by_record)
+        return self._trusted
+
+    def held_back(self, watches: Watches, trusted_only: bool) -> frozenset[str]:
         """The workers a task must not go to now: every worker on probation for a
         `trusted_only` task; otherwise those on probation holding their share of tasks."""
         known_on_probation, live_on_probation, trusted_live = self._pool_view()
@@ -107,8 +123,10 @@ class TrustBook:
                     "imagebus trust add)"
                 )
             return frozenset()
-        held = Counter(w.worker_id for w in watches.values() if w.worker_id in live_on_probation)
-        return frozenset(w for w, n in held.items() if n >= self.probation_max_tasks)
+        held = watches.by_worker.items()  # kept counted: no pass over every task per task
+        return frozenset(
+            w for w, n in held if n >= self.probation_max_tasks and w in live_on_probation
+        )
 
     def _pool_view(self) -> tuple[frozenset[str], frozenset[str], bool]:
         """(every known worker on probation, live or not: one whose adverts lag may still
@@ -116,7 +134,7 @@ class TrustBook:
         out at most every `_VIEW_S`: dispatch asks for every task."""
         now = time.monotonic()
         if self._view is None or now - self._view[0] > _VIEW_S:
-            known = [(advert.worker_id, age) for advert, age in self.registry.listing()]
+            known = self.registry.ages()
             on_probation = [(w, age) for w, age in known if self.level(w) == PROBATION]
             self._view = (
                 now,
@@ -171,7 +189,7 @@ class TrustBook:
     async def refresh(self) -> None:
         if self.store is not None:
             self._rows = await self.store.rows()
-            self._view = None
+            self._view = self._trusted = None
 
     async def _run(self) -> None:
         """Other orchestrators' verdicts and `imagebus trust` arrive with the next refresh."""

@@ -126,7 +126,7 @@ class Verifier:
         if len(self._pending) >= MAX_PENDING:
             self.figures["skipped: too many pending"] += 1
             return
-        if not self.book.verifiers(
+        if not self.book.has_verifier(
             self._call(job.request.params_for(report.index)), {report.worker_id}
         ):
             self.figures["skipped: no trusted verifier"] += 1

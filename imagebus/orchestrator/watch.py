@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from ..protocol import AssignmentRefused, ErrorCode, TaskHeartbeat, TaskReport
 from ..settings import OrchestratorSettings
@@ -103,3 +105,46 @@ class Watch:
             if report.code == ErrorCode.CANCELLED:
                 return AttemptOutcome.CANCELLED, report
             return (AttemptOutcome.DONE if report.ok else AttemptOutcome.FAILED), report
+
+
+_MISSING: Any = object()  # pop's default when none is given
+
+
+class Watches(dict[tuple[str, int], Watch]):
+    """The tasks assigned now, by (job id, index), with how many each worker holds,
+    counted as they come and go: the trust book asks, for every task to dispatch, how
+    many each worker on probation holds (trust.py), which a count over every task in
+    flight would make O(tasks) per task. Only `[key] = `, `del` and `pop` change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_worker: Counter[str] = Counter()
+
+    def __setitem__(self, key: tuple[str, int], watch: Watch) -> None:
+        if key in self:
+            self._uncount(self[key])
+        super().__setitem__(key, watch)
+        self.by_worker[watch.worker_id] += 1
+
+    def __delitem__(self, key: tuple[str, int]) -> None:
+        self._uncount(self[key])
+        super().__delitem__(key)
+
+    def pop(self, key: tuple[str, int], default: Any = _MISSING) -> Any:  # type: ignore[override]
+        watch = super().pop(key, _MISSING)
+        if watch is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        self._uncount(watch)
+        return watch
+
+    def _uncount(self, watch: Watch) -> None:
+        self.by_worker[watch.worker_id] -= 1
+        if self.by_worker[watch.worker_id] <= 0:
+            del self.by_worker[watch.worker_id]
+
+    def _unsupported(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("Watches changes by [key] =, del and pop only (they keep its counts)")
+
+    clear = popitem = setdefault = update = __ior__ = _unsupported  # type: ignore[assignment]

@@ -42,6 +42,10 @@ MAC_BYTES = 32  # SHA-256
 # The attempt number of the orchestrator's own events; a worker's start at 1.
 ORCHESTRATOR_ATTEMPT = 0
 _CONTEXT = b"imagebus-events-v1"
+# HMAC's key pads (RFC 2104): SHA-256's block size, and each byte's image under them.
+_BLOCK = 64
+_INNER_PAD = bytes(x ^ 0x36 for x in range(256))
+_OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
 _ATTEMPT_RE = re.compile(r"^[0-9]{1,9}$")
 # Events only the orchestrator may send: a worker's key cannot speak for the job.
 # Events only the orchestrator sends (a worker's key never makes them): a correction is
@@ -84,18 +88,28 @@ def secret_of(headers: Mapping[str, str] | None) -> bytes | None:
     return secret
 
 
-def _fields(*parts: str | bytes) -> bytes:
-    """A canonical encoding: each field prefixed by its length, so no two lists of
-    fields encode alike."""
-    out = bytearray(_CONTEXT)
+def _fields(parts: tuple[str | bytes, ...]) -> list[bytes]:
+    """A canonical encoding, in pieces to join: each field prefixed by its length, so no
+    two lists of fields encode alike."""
+    out = [_CONTEXT]
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
-        out += len(data).to_bytes(8, "big") + data
-    return bytes(out)
+        out += (len(data).to_bytes(8, "big"), data)
+    return out
 
 
 def _hmac(key: bytes, *parts: str | bytes) -> bytes:
-    return hmac.new(key, _fields(*parts), hashlib.sha256).digest()
+    """HMAC-SHA256 (RFC 2104) of the fields, worked out as hmac.py's own fallback does,
+    on hashlib's SHA-256. hmac.new and hmac.digest go through OpenSSL 3's HMAC, whose
+    set-up alone costs twice what this whole MAC of an event does (about 4.5 us against
+    1.4 us a MAC here), and every image costs several MACs in the requester, the
+    orchestrator and the worker each. tests/test_event_auth.py checks it against
+    hmac.digest."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(b"".join([key.translate(_INNER_PAD), *_fields(parts)])).digest()
+    return hashlib.sha256(key.translate(_OUTER_PAD) + inner).digest()
 
 
 def orchestrator_key(secret: bytes) -> bytes:
