@@ -25,6 +25,28 @@ Source = Callable[[], Awaitable[tuple[bytes | None, bool]]]
 log = structlog.get_logger(__name__)
 
 
+class Wakeup:
+    """Wakes every waiter at once; a waiter that comes after waits for the next wake.
+    (Check what you wait for, then call wait(): it takes the event before any await.)"""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, timeout_s: float = KEEPALIVE_S) -> bool:
+        """True when woken, False after `timeout_s` without."""
+        event = self._event
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 class Feed:
     def __init__(
         self, source: Source, every_s: float, on_over: Callable[[Feed], None] | None = None
@@ -35,7 +57,7 @@ class Feed:
         self.followers = 0
         self.frame: bytes | None = None  # the newest
         self.ended = False  # the source said so: followers get the last frame, then stop
-        self._changed = asyncio.Event()
+        self._changed = Wakeup()
         self._loop: asyncio.Task[None] | None = None
 
     @property
@@ -57,11 +79,7 @@ class Feed:
                     yield sent
                 if self.ended:
                     return
-                changed = self._changed
-                try:
-                    async with asyncio.timeout(KEEPALIVE_S):
-                        await changed.wait()
-                except TimeoutError:
+                if not await self._changed.wait():
                     yield b": keep-alive\n\n"
         finally:
             self.followers -= 1
@@ -80,8 +98,7 @@ class Feed:
                     if frame is not None:
                         self.frame = frame
                     self.ended = ended
-                    changed, self._changed = self._changed, asyncio.Event()
-                    changed.set()
+                    self._changed.wake()
                 if not ended:
                     await asyncio.sleep(max(self.every_s - (loop.time() - started), 0.05))
         finally:

@@ -23,7 +23,7 @@ import structlog
 from ..protocol import JobState, TaskResult
 from ..protocol.messages import GenerateRequest
 from ..requester import GenerationFailed, ImageBusClient, ImageBusError, Job, Progress
-from .feed import KEEPALIVE_S
+from .feed import Wakeup
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,7 @@ class WebJob:
     state: str = JobState.QUEUED
     error: ImageBusError | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: Wakeup = field(default_factory=Wakeup)
     _accepted_said: bool = False
 
     @property
@@ -64,8 +64,7 @@ class WebJob:
 
     def _add(self, name: str, data: dict[str, Any]) -> None:
         self.events.append((name, data))
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()  # wakes every watcher waiting on it
+        self._changed.wake()  # every watcher
 
     def _say_accepted(self) -> None:
         """The accepted event comes first, whichever callback learns of it first."""
@@ -125,11 +124,7 @@ class WebJob:
                 position += 1
             if self.finished:
                 return
-            changed = self._changed
-            try:
-                async with asyncio.timeout(KEEPALIVE_S):
-                    await changed.wait()
-            except TimeoutError:
+            if not await self._changed.wait():
                 yield None
 
     def status(self) -> dict[str, Any]:
