@@ -23,9 +23,10 @@ from PIL import Image
 
 from imagebus.embedded import NatsServer
 from imagebus.orchestrator import Orchestrator
+from imagebus.orchestrator.kept import read_kept
 from imagebus.protocol import TaskResult, decode
 from imagebus.protocol import subjects as s
-from imagebus.protocol.auth import assignment_key, event_mac
+from imagebus.protocol.auth import KEPT_COPY, assignment_key, event_mac
 from imagebus.requester import ImageBusClient
 from imagebus.settings import BusSettings, OrchestratorSettings, WorkerSettings
 from imagebus.worker import Worker
@@ -49,10 +50,15 @@ def _png(colour: str) -> bytes:
 
 
 async def _forge_copy(
-    forger: Client, job_id: str, png: bytes, msg_id: str, mac: bytes | str | None = None
+    forger: Client,
+    job_id: str,
+    png: bytes,
+    msg_id: str,
+    mac: bytes | str | None = None,
+    attempt: int = 1,
 ) -> None:
     """Store `png` as image 0 of `job_id` in the results stream, as one whole chunk
-    (built by hand, as a rogue worker would); `mac`: its Imagebus-Mac, attempt 1."""
+    (built by hand, as a rogue worker would); `mac`: its Imagebus-Mac, for `attempt`."""
     headers = {
         s.HEADER_MSG_ID: msg_id,
         s.HEADER_CHUNK: "0",
@@ -61,7 +67,7 @@ async def _forge_copy(
     }
     if mac is not None:
         headers[s.HEADER_EVENT_MAC] = mac if isinstance(mac, str) else mac.hex()
-        headers[s.HEADER_EVENT_ATTEMPT] = "1"
+        headers[s.HEADER_EVENT_ATTEMPT] = str(attempt)
     ack = await forger.jetstream().publish(s.results_subject(job_id, 0), png, headers=headers)
     assert not ack.duplicate, "the forged copy was not stored"
 
@@ -123,8 +129,6 @@ async def test_forged_kept_copies_are_skipped_by_fetch_and_by_the_orchestrator(
         assert code == 0, stderr
         assert Path(stdout.split()[0]).read_bytes() == real, "imagebus job fetch: a forged copy"
         # What a take-over re-sends and a verification compares.
-        from imagebus.orchestrator.kept import read_kept
-
         assert orchestrator.nc is not None
         log = structlog.get_logger()
         assert await read_kept(orchestrator.nc, job_id, job.secret, log) == {0: real}
@@ -176,3 +180,38 @@ async def test_a_take_over_re_sends_the_workers_copy_not_a_forged_one(stack: Sta
     made = {image.index: image.png for image in images}
     assert 0 in {r.index for r in re_sent}
     assert all(r.png == made[r.index] for r in re_sent), "a forged copy re-sent"
+
+
+async def test_verification_reads_the_copy_its_worker_reported(stack: Stack) -> None:
+    """An image re-assigned after a first worker kept a copy has two copies, each MAC'd
+    by its own assignment. Verification must compare the one the reporting worker
+    made (the digest it reported), not the first in the stream: else it would judge
+    one worker by another's image (and strike an honest one)."""
+    await stack.start_orchestrator()
+    async with ImageBusClient(stack.nats_url) as client:
+        job = await client.submit("two copies", width=64, height=64, steps=2)
+        job_id = await job.accepted()  # no worker yet: it waits
+        other = _png("black")  # another attempt's image, kept first
+        nc = await raw_client(stack.nats_url)
+        try:
+            digest = hashlib.sha256(other).hexdigest()
+            key = assignment_key(job.secret or b"", job_id, 0, 2)
+            mac = event_mac(key, KEPT_COPY, job_id, 0, 2, digest.encode())
+            await _forge_copy(nc, job_id, other, f"{job_id}.0.attempt-2", mac, attempt=2)
+        finally:
+            await nc.close()
+        await stack.start_worker()
+        (image,) = await job.wait(60)
+        assert await stack.orchestrators[0].settle(SETTLE_S)  # the report is recorded
+        status = await client.job_status(job_id)
+    reported = status.tasks[0].sha256
+    assert reported == hashlib.sha256(image.png or b"").hexdigest()
+    orchestrator = stack.orchestrators[0]
+    assert orchestrator.nc is not None
+    log = structlog.get_logger()
+    first_verified = await read_kept(orchestrator.nc, job_id, job.secret, log, index=0)
+    assert first_verified == {0: other}  # both verify: the first in the stream wins
+    worker_made = await read_kept(
+        orchestrator.nc, job_id, job.secret, log, index=0, sha256=reported
+    )
+    assert worker_made == {0: image.png}

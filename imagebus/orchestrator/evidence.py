@@ -30,6 +30,9 @@ class Sample:
     event_key: EventKey | None = None
     # The job's secret: only the kept copy MAC'd by its assignment is the original.
     secret: bytes | None = field(default=None, repr=False)
+    # The digest the worker reported for its image: of several kept copies (an image
+    # re-assigned after a copy was kept), the one it made.
+    sha256: str | None = None
 
 
 class Evidence:

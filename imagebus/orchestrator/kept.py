@@ -8,6 +8,7 @@ logged and skipped. Without one (the prototype's clients), the first whole copy 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -28,9 +29,12 @@ async def read_kept(
     log: FilteringBoundLogger,
     index: int | None = None,
     timeout_s: float = 5.0,
+    sha256: str | None = None,
 ) -> dict[int, bytes]:
     """The job's kept images (or image `index` only), by index: whole, checked by
-    SHA-256 and, with the job's secret, by their assignment's MAC."""
+    SHA-256 and, with the job's secret, by their assignment's MAC; with `sha256`, only
+    the copy with that digest (the one its worker reported: another attempt's copy of
+    the same image, made by another worker, is not this worker's image)."""
     js = nc.jetstream()
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
@@ -52,11 +56,23 @@ async def read_kept(
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
-    check = None if secret is None else results.verified_by(secret, job_id)
-    kept = results.assemble(stored, check)
+    kept = results.assemble(stored, _check(job_id, secret, sha256))
     log = log.bind(job_id=job_id)
     for skipped_index, why in kept.skipped[:_LOGGED_SKIPS]:
         log.warning("kept copy not verified; skipped", index=skipped_index, reason=why)
     if len(kept.skipped) > _LOGGED_SKIPS:
         log.warning("kept copies not verified; skipped", count=len(kept.skipped))
     return kept.images
+
+
+def _check(job_id: str, secret: bytes | None, sha256: str | None) -> results.CopyCheck | None:
+    verified = None if secret is None else results.verified_by(secret, job_id)
+    if not sha256:
+        return verified
+
+    def check(index: int, digest: str, headers: Mapping[str, str]) -> str | None:
+        if digest != sha256:
+            return "not the image its worker reported"
+        return None if verified is None else verified(index, digest, headers)
+
+    return check

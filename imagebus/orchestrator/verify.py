@@ -134,7 +134,7 @@ class Verifier:
         sample = Sample(
             job.job_id, report.index, report.worker_id, job.seeds[report.index],
             job.request.params_for(report.index), job.inbox, job.dialect, report.seconds,
-            job.event_key, job.secret,
+            job.event_key, job.secret, report.sha256,
         )  # fmt: skip
         self.verify_s += sample.seconds
         task = asyncio.create_task(self._verify(sample), name=f"imagebus-verify-{job.job_id}")
@@ -281,8 +281,9 @@ class Verifier:
         alongside the result, without waiting: it may land a moment after the report)."""
         for _ in range(tries):
             kept = await read_kept(
-                self.nc, sample.job_id, sample.secret, self._log, sample.index, timeout_s=2.0
-            )
+                self.nc, sample.job_id, sample.secret, self._log, sample.index,
+                timeout_s=2.0, sha256=sample.sha256,
+            )  # fmt: skip
             png = kept.get(sample.index)
             if png is not None:
                 return png
