@@ -128,6 +128,7 @@ class Dispatcher:
     async def _end_job_on_timeout(self, job: RunningJob) -> None:
         """The job timeout struck: keep the images made, fail and stop the rest."""
         error = f"the job did not finish within its job timeout of {job.request.job_timeout_s:g}s"
+        job.timed_out = True
         unanswered = job.request.n - len(job.answered)
         for index in range(job.request.n):
             if index not in job.answered:
@@ -165,6 +166,8 @@ class Dispatcher:
             await self.fail_task(job, index, TaskFailure(unfit, ErrorCode.NO_FITTING_WORKER))
             return
         while True:
+            if job.timed_out:
+                return  # answered by _end_job_on_timeout already
             if job.cancelled:
                 failure = TaskFailure(job.cancel_reason, ErrorCode.CANCELLED)
                 break
@@ -181,9 +184,9 @@ class Dispatcher:
                 task.declined.update(round_.declined)
             if round_.offer is None:
                 found = await self._wait_for_slot(task, round_)
-            elif job.cancelled and task.adopted_by is None:
-                # Cancelled while a worker was being found: its cancel could not name
-                # that worker, so the image must not go there.
+            elif (job.cancelled or job.timed_out) and task.adopted_by is None:
+                # Cancelled (or timed out) while a worker was being found: its cancel
+                # could not name that worker, so the image must not go there.
                 await self.recruiter.give_back(round_.offer)
                 continue
             else:

@@ -26,6 +26,10 @@ class RunningJob:
     seeds: list[int]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     cancelled: bool = False
+    # Its job timeout struck and every unanswered image was failed: a task coroutine
+    # still going (asyncio.wait_for, under nats-py's request, can swallow a
+    # cancellation on Python 3.11) must stop, not assign the image.
+    timed_out: bool = False
     cancel_reason: str = "cancelled by the requester"
     answered: set[int] = field(default_factory=set)  # images whose final answer is out
     # The requester's job secret (None: a request without one, whose events go
