@@ -35,13 +35,19 @@ CopyCheck = Callable[[int, str, Mapping[str, str]], str | None]
 
 
 def copy_messages(
-    job_id: str, index: int, png: bytes, max_payload: int, key: EventKey | None = None
+    job_id: str,
+    index: int,
+    png: bytes,
+    max_payload: int,
+    key: EventKey | None = None,
+    sha256: str | None = None,
 ) -> list[Outbound]:
     """The messages that keep `png` as image `index` of `job_id`, MAC'd with the
-    assignment's `key` (None: a job without a secret, e.g. the prototype's clients)."""
+    assignment's `key` (None: a job without a secret, e.g. the prototype's clients);
+    `sha256`: the PNG's digest (hex), if the caller has it already."""
     size = max(max_payload - _HEADER_ROOM, 1)
     pieces = [png[i : i + size] for i in range(0, len(png), size)] or [b""]
-    digest = hashlib.sha256(png).hexdigest()
+    digest = sha256 or hashlib.sha256(png).hexdigest()
     subject = s.results_subject(job_id, index)
     signed: dict[str, str] = {}
     copy_id = f"{job_id}.{index}"

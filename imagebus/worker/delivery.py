@@ -93,16 +93,19 @@ class Delivery:
                 await asyncio.sleep(0.5)
         return False
 
-    async def keep(self, job_id: str, index: int, png: bytes, key: EventKey | None) -> None:
-        """Store the image in the results stream, for `imagebus job fetch` later,
-        MAC'd with the assignment's `key` (readers with the job's secret check it).
+    async def keep(
+        self, job_id: str, index: int, png: bytes, key: EventKey | None, sha256: str
+    ) -> None:
+        """Store the image (whose digest is `sha256`, hex) in the results stream, for
+        `imagebus job fetch` later, MAC'd with the assignment's `key` (readers with the
+        job's secret check it).
 
         Published without waiting for JetStream's ack: the requester gets its image
         either way, and waiting would cost a request (a reply inbox, a future, a
         timer) per job. The acks come to `_on_kept`, which logs the refused copies;
         a copy left unanswered is logged by `give_up_unanswered_copies`.
         """
-        copies = results.copy_messages(job_id, index, png, self.nc.max_payload, key)
+        copies = results.copy_messages(job_id, index, png, self.nc.max_payload, key, sha256)
         token = f"{job_id}.{index}"
         reply = f"{self._kept_inbox}.{token}"
         self._unanswered_copies[token] = _UnansweredCopy(len(copies))

@@ -10,7 +10,6 @@ hears only the final outcome), or a cancellation.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable
 
 import structlog
@@ -75,8 +74,11 @@ def for_the_requester(result: TaskResult) -> bool:
     return result.fault != Fault.WORKER
 
 
-def report_of(result: TaskResult, worker_id: str, seconds: float) -> TaskReport:
-    """The orchestrator's account of a task, from the task's result."""
+def report_of(
+    result: TaskResult, worker_id: str, seconds: float, sha256: str | None = None
+) -> TaskReport:
+    """The orchestrator's account of a task, from the task's result; `sha256`: its
+    image's digest (hex), worked out once by the caller, which keeps the copy too."""
     return TaskReport(
         job_id=result.job_id,
         index=result.index,
@@ -87,5 +89,5 @@ def report_of(result: TaskResult, worker_id: str, seconds: float) -> TaskReport:
         code=result.code,
         png_bytes=len(result.png or b""),
         fault=result.fault,
-        sha256=None if result.png is None else hashlib.sha256(result.png).hexdigest(),
+        sha256=sha256,
     )

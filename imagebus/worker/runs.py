@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -171,10 +172,13 @@ class TaskRuns:
         # the bus's cost per job). The slot was freed when the image was rendered.
         # A failure of this worker's own goes to the orchestrator only: it retries it
         # on another worker, and answers the requester itself if none succeeds.
+        # Hashed once, for the kept copy's headers and the report (a large image's
+        # digest is about a millisecond of this event loop's time).
+        digest = hashlib.sha256(result.png).hexdigest() if result.ok and result.png else None
         if not running.reassigned and for_the_requester(result):
-            if result.ok and result.png is not None:
+            if result.png is not None and digest is not None:
                 await self._delivery.keep(
-                    assignment.job_id, assignment.index, result.png, running.event_key
+                    assignment.job_id, assignment.index, result.png, running.event_key, digest
                 )
             if not await self._delivery.deliver(messages, dialect):
                 log.warning("requester did not confirm the result; giving up on it")
@@ -184,7 +188,8 @@ class TaskRuns:
         else:
             self.failures += 1
         running.reported = True  # from here on, an orchestrator adopting it would wait in vain
-        await self.nc.publish(running.report_subject, encode(report_of(result, self.id, seconds)))
+        report = report_of(result, self.id, seconds, digest)
+        await self.nc.publish(running.report_subject, encode(report))
         log.info("task finished", ok=result.ok, seconds=round(seconds, 3), error=result.error)
 
     async def _send(self, out: Outbound) -> None:
