@@ -108,7 +108,7 @@ class Recruiter:
         no room after all). If the view says every fitting worker is busy, wait rather
         than ask around; otherwise recruit. `avoid`: workers not to give it to."""
         if handed is not None and (handed in avoid or not self.registry.breaker.allows(handed)):
-            self.registry.note_free(handed, self.registry.free(handed) + 1)  # not used: back
+            self.registry.unclaim(handed)  # not used: back
             handed = None
         passed_over = self._blacklisted() | avoid
         worker_id = handed or self.registry.claim(call, passed_over)
@@ -169,7 +169,7 @@ class Recruiter:
         if offer.reservation_id:
             await self._release(offer)
         else:
-            self.registry.note_free(offer.worker_id, self.registry.free(offer.worker_id) + 1)
+            self.registry.unclaim(offer.worker_id)
 
     async def _release(self, offer: WorkerOffer) -> None:
         if offer.reservation_id:

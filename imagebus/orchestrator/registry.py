@@ -94,6 +94,11 @@ class Registry:
             self.note_free(worker_id, self._free[worker_id] - 1)
         return worker_id
 
+    def unclaim(self, worker_id: str) -> None:
+        """A slot counted as taken (claim(), or one handed to a task) was not used:
+        free again in this view."""
+        self.note_free(worker_id, self.free(worker_id) + 1)
+
     def all_busy(self, call: RecruitCall, blacklisted: frozenset[str]) -> bool:
         """Whether some live, trusted worker fits `call` and every such one is known busy."""
         # Only the free workers are looked through, then the first fitting one found:

@@ -325,7 +325,7 @@ class Orchestrator:
 
     def _slot_unclaimed(self, worker_id: str) -> None:
         """A slot handed to a task that was cancelled before using it: free again."""
-        self.registry.note_free(worker_id, self.registry.free(worker_id) + 1)
+        self.registry.unclaim(worker_id)
         self._hand_over_free_slots(worker_id)
 
     def _hand_over_free_slots(self, worker_id: str) -> None:
