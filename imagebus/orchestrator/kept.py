@@ -8,7 +8,6 @@ logged and skipped. Without one (the prototype's clients), the first whole copy 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -32,9 +31,9 @@ async def read_kept(
     sha256: str | None = None,
 ) -> dict[int, bytes]:
     """The job's kept images (or image `index` only), by index: whole, checked by
-    SHA-256 and, with the job's secret, by their assignment's MAC; with `sha256`, only
-    the copy with that digest (the one its worker reported: another attempt's copy of
-    the same image, made by another worker, is not this worker's image)."""
+    SHA-256 and, with the job's secret, by their assignment's MAC; with `index` and
+    `sha256`, only the copy with that digest (the one its worker reported: another
+    attempt's copy of the same image, made by another worker, is not this worker's)."""
     js = nc.jetstream()
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
@@ -56,23 +55,12 @@ async def read_kept(
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
-    kept = results.assemble(stored, _check(job_id, secret, sha256))
+    verified = None if secret is None else results.verified_by(secret, job_id)
+    worker_made = None if not sha256 or index is None else results.reported({index: sha256})
+    kept = results.assemble(stored, results.every(worker_made, verified))
     log = log.bind(job_id=job_id)
     for skipped_index, why in kept.skipped[:_LOGGED_SKIPS]:
         log.warning("kept copy not verified; skipped", index=skipped_index, reason=why)
     if len(kept.skipped) > _LOGGED_SKIPS:
         log.warning("kept copies not verified; skipped", count=len(kept.skipped))
     return kept.images
-
-
-def _check(job_id: str, secret: bytes | None, sha256: str | None) -> results.CopyCheck | None:
-    verified = None if secret is None else results.verified_by(secret, job_id)
-    if not sha256:
-        return verified
-
-    def check(index: int, digest: str, headers: Mapping[str, str]) -> str | None:
-        if digest != sha256:
-            return "not the image its worker reported"
-        return None if verified is None else verified(index, digest, headers)
-
-    return check

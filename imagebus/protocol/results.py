@@ -81,6 +81,37 @@ def verified_by(secret: bytes, job_id: str) -> CopyCheck:
     return check
 
 
+def reported(digests: Mapping[int, str]) -> CopyCheck:
+    """The check of kept copies against the digests their workers reported, by index:
+    an image whose digest is known is taken only from a copy with that digest (another
+    attempt's copy, or a forged one, is not its worker's image); one whose digest is
+    not known, unchecked."""
+
+    def check(index: int, sha256: str, headers: Mapping[str, str]) -> str | None:
+        wanted = digests.get(index)
+        if wanted is None or wanted == sha256:
+            return None
+        return "not the image its worker reported"
+
+    return check
+
+
+def every(*checks: CopyCheck | None) -> CopyCheck | None:
+    """A check that a copy passes when it passes each of `checks` (None: no check)."""
+    given = [check for check in checks if check is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def check(index: int, sha256: str, headers: Mapping[str, str]) -> str | None:
+        for one in given:
+            why_not = one(index, sha256, headers)
+            if why_not is not None:
+                return why_not
+        return None
+
+    return check
+
+
 @dataclass
 class _Copy:
     index: int

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -61,18 +60,10 @@ async def read_stored(
 
 
 def recorded(status: JobStatus) -> results.CopyCheck:
-    """The check of kept copies against the digests the job's records hold: an image
-    whose digest is recorded is taken only from a copy with that digest; one whose
-    digest is not (not yet written, or a record older than the digests) unchecked."""
-    digests = {task.index: task.sha256 for task in status.tasks if task.sha256}
-
-    def check(index: int, sha256: str, headers: Mapping[str, str]) -> str | None:
-        wanted = digests.get(index)
-        if wanted is None or wanted == sha256:
-            return None
-        return "not the image its worker reported"
-
-    return check
+    """The check of kept copies against the digests the job's records hold (an image
+    whose digest is not recorded, not yet written or older than the digests: taken
+    unchecked)."""
+    return results.reported({task.index: task.sha256 for task in status.tasks if task.sha256})
 
 
 def choose(
