@@ -57,8 +57,8 @@ def create_app(settings: WebSettings | None = None) -> Starlette:
             try:
                 yield
             finally:
-                pool_feed = getattr(app.state, "pool_feed", None)
-                for feed in [pool_feed, *app.state.status_feeds.values()]:
+                dashboards = getattr(app.state, "pool_feed", None)  # made on first use
+                for feed in [dashboards, *app.state.status_feeds.values()]:
                     if feed is not None:
                         await feed.close()
                 await app.state.jobs.close()

@@ -60,11 +60,6 @@ class Feed:
         self._changed = Wakeup()
         self._loop: asyncio.Task[None] | None = None
 
-    @property
-    def over(self) -> bool:
-        """Its loop has stopped: a new follower needs a new Feed if it has ended."""
-        return self._loop is not None and self._loop.done()
-
     async def follow(self) -> AsyncIterator[bytes]:
         """The newest frame whenever there is one, a comment every KEEPALIVE_S without,
         until the source ends."""
