@@ -54,7 +54,8 @@ async def connect(
     client = Client()
     try:
         events = events or ConnectionEvents()
-        await asyncio.wait_for(_connect(client, bus, name, log, events), wait_s)
+        async with asyncio.timeout(wait_s):
+            await _connect(client, bus, name, log, events)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await client.close()

@@ -208,14 +208,14 @@ class Stack:
         """Whether the web role answers GET /healthz with 200 (it is up on the bus)."""
         o = self.options
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(o.host, o.web_port), timeout=0.3
-            )
+            async with asyncio.timeout(0.3):
+                reader, writer = await asyncio.open_connection(o.host, o.web_port)
         except (OSError, TimeoutError):
             return False
         try:
             writer.write(f"GET /healthz HTTP/1.0\r\nHost: {o.host}\r\n\r\n".encode())
-            status_line = await asyncio.wait_for(reader.readline(), timeout=0.5)
+            async with asyncio.timeout(0.5):
+                status_line = await reader.readline()
             return status_line.split()[1:2] == [b"200"]
         except (OSError, TimeoutError):
             return False

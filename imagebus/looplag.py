@@ -8,9 +8,10 @@ one; this measures it from the inside. The orchestrator reports it on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
+
+from .tasks import stop_task
 
 
 class LoopLag:
@@ -23,10 +24,7 @@ class LoopLag:
         self._task = asyncio.create_task(self._run(), name="imagebus-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def reset(self) -> None:
         self._samples.clear()

@@ -20,7 +20,9 @@ PACKAGE = Path(imagebus.__file__).parent
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
     "logs": set(),
-    "looplag": set(),
+    # Stopping tasks and waiting on events without Python 3.11's lost cancellations.
+    "tasks": set(),
+    "looplag": {"tasks"},
     # Prometheus metrics from the figures on the bus: for /metrics and --metrics-port.
     "metrics": {"protocol", "settings"},
     # The one reader of the environment (typed getters, ConfigError): knows nothing else.
@@ -28,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"environment", "protocol"},
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
-    "db": {"logs", "protocol"},
+    "db": {"logs", "protocol", "tasks"},
     # Comparing a re-run image with the original (issue 13): pure, knows no role.
     "verification": set(),
     "orchestrator": {
@@ -38,13 +40,14 @@ ALLOWED: dict[str, set[str]] = {
         "looplag",
         "protocol",
         "settings",
+        "tasks",
         "verification",
         "metrics",
     },
-    "worker": {"connections", "logs", "looplag", "protocol", "settings", "metrics"},
-    "requester": {"connections", "logs", "protocol", "settings"},
+    "worker": {"connections", "logs", "looplag", "protocol", "settings", "metrics", "tasks"},
+    "requester": {"connections", "logs", "protocol", "settings", "tasks"},
     # The web role speaks only NATS, through the requester's Python client.
-    "web": {"connections", "logs", "protocol", "requester", "settings", "metrics"},
+    "web": {"connections", "logs", "protocol", "requester", "settings", "metrics", "tasks"},
     "supervisor": set(),  # child processes and their restart policy: knows no role
     "launcher": {
         "connections",

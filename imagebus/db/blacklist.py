@@ -13,6 +13,7 @@ import contextlib
 import asyncpg
 
 from ..logs import get_logger
+from ..tasks import stop_task, wait_event
 from .store import TRANSIENT_ERRORS, Database
 
 
@@ -38,10 +39,7 @@ class BlacklistCache:
         self._task = asyncio.create_task(self._run(), name="imagebus-blacklist")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self._close_listener()
 
     async def refresh(self) -> None:
@@ -55,8 +53,7 @@ class BlacklistCache:
             try:
                 if self._listener is None or self._listener.is_closed():
                     self._listener = await self.db.listen_blacklist(self._changed.set)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.refresh_s)
+                await wait_event(self._changed, self.refresh_s)
                 self._changed.clear()
                 await self.refresh()
             except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:

@@ -10,9 +10,9 @@ queue is not bounded here: the orchestrator takes no new request while it is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from ..logs import get_logger
+from ..tasks import stop_task, wait_event
 from .store import TRANSIENT_ERRORS, Database, Record
 
 
@@ -55,19 +55,12 @@ class JobRecorder:
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written. False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout)
 
     async def stop(self, timeout: float = 5.0) -> None:
         if not await self.flush(timeout):
             self._log.error("records not written at shutdown", backlog=self.backlog)
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         backoff = 0.1

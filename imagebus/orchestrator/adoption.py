@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from ..protocol import AdoptionAnswer, AdoptionCall, ProtocolError, WorkerOffer, decode, encode
 from ..protocol import subjects as s
+from ..tasks import wait_event
 from .watch import Watch
 
 ADOPTION_WINDOW_S = 0.5
@@ -67,8 +68,7 @@ async def adopt_running_tasks(
     subscription = await nc.subscribe(inbox, cb=on_answer)
     try:
         await nc.publish(s.WORKER_ADOPT_SUBJECT, encode(call), reply=inbox)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), window_s)
+        await wait_event(done, window_s)
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()

@@ -45,6 +45,7 @@ from nats.js.api import (
 from ..logs import get_logger
 from ..protocol import subjects as s
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S, REQUEST_HEADER_ROOM_BYTES
+from ..tasks import stop_task, wait_event
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ class Intake:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def pulling(self) -> bool:
+        """Whether it still asks the stream for requests (false once stopped)."""
+        return self._puller is not None and not self._puller.done()
+
     async def start(self) -> None:
         self._epoch = await ensure_intake_stream(self.js, self.limits)
         try:
@@ -192,10 +198,7 @@ class Intake:
     async def stop(self, grace_s: float) -> None:
         """Stop pulling; give running jobs `grace_s`, then hand the rest back at once."""
         self._stopping = True  # requests still arriving go back to the stream at once
-        if self._puller is not None:
-            self._puller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._puller
+        await stop_task(self._puller)
         if self._subscription is not None:
             # The server skips pull requests that nobody listens to any more; draining
             # hands back the requests it had sent before it heard.
@@ -222,8 +225,7 @@ class Intake:
 
     async def _keep_pulling(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pull_needed.wait(), self._PULL_HEARTBEAT_S)
+            await wait_event(self._pull_needed, self._PULL_HEARTBEAT_S)
             self._pull_needed.clear()
             if self._refused:
                 self._refused = False

@@ -16,7 +16,6 @@ while `trusted_only` requests wait for a trusted worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 
@@ -27,6 +26,7 @@ from ..protocol import RecruitCall
 from ..protocol import subjects as s
 from ..protocol.control import TrustAction, TrustAnswer, TrustCommand, TrustedWorker
 from ..protocol.messages import LIVE_FOR_S
+from ..tasks import stop_task
 from .registry import Registry
 from .watch import Watches
 
@@ -181,10 +181,7 @@ class TrustBook:
         self._task = asyncio.create_task(self._run(), name="imagebus-trust")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def refresh(self) -> None:
         if self.store is not None:

@@ -41,6 +41,7 @@ from ..protocol import subjects as s
 from ..protocol.auth import new_secret
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
+from ..tasks import wait_event
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
 from .kept import choose, read_stored, recorded
 from .storing import DEFAULT_SUBMIT_TIMEOUT_S, RequestStore
@@ -397,11 +398,8 @@ class ImageBusClient:
             while (left := deadline - time.monotonic()) > 0:
                 timeout = left if quiet is None or not answers else min(left, quiet)
                 arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(), timeout)
-                except TimeoutError:
-                    if answers or quiet is None:
-                        break
+                if not await wait_event(arrived, timeout) and (answers or quiet is None):
+                    break
         finally:
             await subscription.unsubscribe()
         return answers

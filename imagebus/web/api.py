@@ -173,7 +173,8 @@ async def cancel_job(request: Request) -> Response:
         if web is not None:
             await web.job.cancel()
             return await _after_cancel(request, job_id)
-        status = await asyncio.wait_for(_cancel_elsewhere(client, job_id), CANCEL_WAIT_S)
+        async with asyncio.timeout(CANCEL_WAIT_S):
+            status = await _cancel_elsewhere(client, job_id)
         return json_response(status)
     except TimeoutError:
         return json_response({"job_id": job_id, "state": "cancelling"}, status=202)

@@ -11,10 +11,11 @@ another process, whose status is polled).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
+
+from ..tasks import stop_task
 
 # A follower is sent a comment this often without a frame, so proxies keep it open.
 KEEPALIVE_S = 15.0
@@ -101,7 +102,4 @@ class Feed:
                 self.on_over(self)
 
     async def close(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_task(self._loop)

@@ -12,7 +12,6 @@ forgotten, and served from the orchestrators (status) and the results stream (im
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import structlog
 from ..protocol import JobState, TaskResult
 from ..protocol.messages import GenerateRequest
 from ..requester import GenerationFailed, ImageBusClient, ImageBusError, Job, Progress
+from ..tasks import stop_tasks
 from .feed import Wakeup
 
 log = structlog.get_logger(__name__)
@@ -260,8 +260,4 @@ class JobTracker:
             self.jobs.pop(job_id, None)
 
     async def close(self) -> None:
-        for task in list(self._waiters):
-            task.cancel()
-        for task in list(self._waiters):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(list(self._waiters))

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..protocol import ImageParams
+from ..tasks import wait_event
 from .engine import BatchItem, Engine, RenderedImage, batch_key
 
 # Called on the event loop at every denoising step: (steps done, total steps).
@@ -170,8 +171,7 @@ class Batcher:
             if left <= 0:
                 return
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), left)
+            await wait_event(self._arrived, left)
             batch += self._take(batch[0].key, self.max_batch - len(batch))
 
     def _concurrent(self, batch: list[Queued]) -> bool:

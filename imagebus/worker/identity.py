@@ -22,6 +22,7 @@ from structlog.typing import FilteringBoundLogger
 
 from ..connections import BusUnavailable
 from ..protocol import subjects as s
+from ..tasks import stop_task
 
 _MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
@@ -121,8 +122,7 @@ class IdClaim:
     async def release(self) -> None:
         """Stop refreshing the id and free it (only if this process still holds it)."""
         if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+            await stop_task(self._keeper)
             self._keeper = None
         if self._kv is not None and self._revision:
             with contextlib.suppress(Exception):  # it lapses anyway
