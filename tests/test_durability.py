@@ -11,11 +11,12 @@ import sys
 import pytest
 from PIL import Image
 
+from imagebus.orchestrator.intake import Intake
 from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient
 
 from .conftest import Stack
-from .helpers import SETTLE_S, wait_for_orchestrator
+from .helpers import SETTLE_S, raw_client, wait_for_orchestrator
 
 pytestmark = pytest.mark.faults
 
@@ -32,6 +33,46 @@ async def test_request_published_while_no_orchestrator_runs_is_served_later(stac
         await stack.start_orchestrator()
         images = await job.wait(30)
     assert len(images) == 1
+
+
+async def test_an_orchestrator_answers_pings_only_once_it_takes_requests(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pong is the readiness signal (`imagebus up`'s ready line, scripts, tests): a
+    request submitted on it must be stored, not refused for a missing request stream."""
+    start_intake = Intake.start
+
+    async def slow_start(intake: Intake) -> None:
+        await asyncio.sleep(1.0)  # e.g. JetStream still loading its streams
+        await start_intake(intake)
+
+    monkeypatch.setattr(Intake, "start", slow_start)
+    starting = asyncio.create_task(stack.start_orchestrator())
+    try:
+        await wait_for_orchestrator(stack.nats_url, timeout=30)
+        nc = await raw_client(stack.nats_url)
+        try:
+            info = await nc.jetstream().stream_info(s.INTAKE_STREAM)
+        finally:
+            await nc.close()
+        assert info.config.name == s.INTAKE_STREAM
+    finally:
+        await starting
+
+
+async def test_an_orchestrator_stopped_just_after_it_started_stops(stack: Stack) -> None:
+    """Its request puller could lose the stop's cancel (Python 3.11's wait_for, when the
+    puller's wake-up landed in the same turn): the stop then waited forever."""
+    for turns in range(8):  # the stop lands at each point of the puller's first steps
+        orchestrator = await stack.start_orchestrator()
+        stack.orchestrators.remove(orchestrator)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        stopping = asyncio.create_task(orchestrator.stop(grace_s=1))
+        done, _ = await asyncio.wait({stopping}, timeout=30)
+        assert done, f"the stop {turns} turn(s) after the start hung"
+        assert orchestrator.intake is not None
+        assert not orchestrator.intake.pulling
 
 
 async def _spawn_orchestrator(stack: Stack) -> asyncio.subprocess.Process:

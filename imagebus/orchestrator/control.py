@@ -94,9 +94,9 @@ class ControlPlane:
         self.trust = trust
 
     async def subscribe(self) -> list[Subscription]:
+        """Answer every query but the ping (see `answer_pings`)."""
         one = s.ORCHESTRATOR_QUEUE  # queries that one orchestrator answers
         return [
-            await self.nc.subscribe(s.ORCHESTRATOR_PING_SUBJECT, queue=one, cb=self._on_ping),
             await self.nc.subscribe(s.ORCHESTRATOR_STATS_SUBJECT, cb=self._on_stats),  # each
             await self.nc.subscribe(s.WORKERS_QUERY_SUBJECT, queue=one, cb=self._on_workers),
             await self.nc.subscribe(s.JOB_STATUS_SUBJECT, queue=one, cb=self._on_job_status),
@@ -106,6 +106,13 @@ class ControlPlane:
             await self.nc.subscribe(s.POOL_SUBJECT, cb=self._on_pool),  # each
             await self.nc.subscribe(s.RECENT_JOBS_SUBJECT, queue=one, cb=self._on_recent_jobs),
         ]
+
+    async def answer_pings(self) -> Subscription:
+        """Answer pings: called once the intake takes requests, as a pong is the readiness
+        signal (`imagebus up`'s ready line, scripts): a request sent on it is stored."""
+        return await self.nc.subscribe(
+            s.ORCHESTRATOR_PING_SUBJECT, queue=s.ORCHESTRATOR_QUEUE, cb=self._on_ping
+        )
 
     # --- answering: what a query's handler returns, or the error it raised -----------
 

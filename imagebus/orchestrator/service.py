@@ -156,7 +156,8 @@ class Orchestrator:
                 self.settings.metrics_port, control.pool_snapshot, control.worker_listing
             )
         await self._ensure_results_stream()
-        await self._start_intake()  # last, so nothing is taken before it can be served
+        await self._start_intake()  # late, so nothing is taken before it can be served
+        self._subscriptions.append(await control.answer_pings())  # ready: requests are kept
         self._log.info("orchestrator ready", nats=self.settings.bus.nats_url)
 
     async def _start_intake(self) -> None:
