@@ -11,6 +11,7 @@ Two idioms lose a cancellation on Python 3.11, and both hung an orchestrator's s
   waits with `asyncio.wait`, which does neither.
 
 ruff bans `asyncio.wait_for` in imagebus (pyproject.toml) so the first cannot return.
+nats-py's `request` still uses it: see `cancel_was_lost`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
         except TimeoutError:
             pass
     return event.is_set()
+
+
+def cancel_was_lost() -> bool:
+    """Whether this task was cancelled but an await returned anyway: nats-py's
+    `request`, whose wait_for can return the reply that landed with the cancel. The
+    caller tidies up what the reply holds and raises CancelledError. (Code that
+    handles a cancel on purpose uncancels, as asyncio.timeout does.)"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def stop_task(task: asyncio.Task[object] | None, timeout_s: float = STOP_WAIT_S) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from imagebus.tasks import stop_task, stop_tasks, wait_event
+from imagebus.tasks import cancel_was_lost, stop_task, stop_tasks, wait_event
 
 
 async def _cancel_as_the_event_is_set(waiter: asyncio.Task[object], event: asyncio.Event) -> None:
@@ -92,3 +92,27 @@ async def test_stop_tasks_retrieves_their_errors() -> None:
     assert tasks[1].cancelled()
     assert isinstance(tasks[0].exception(), RuntimeError)
     assert await stop_task(None) is True
+
+
+async def test_a_cancel_lost_under_a_request_is_seen() -> None:
+    """nats-py's request waits with wait_for: a reply that lands with the cancel is
+    returned, and the cancelled task goes on unless it asks `cancel_was_lost`."""
+    reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    seen: list[bool] = []
+
+    async def requester() -> None:
+        await asyncio.wait_for(reply, 10)  # as nats-py's request does
+        seen.append(cancel_was_lost())
+
+    task = asyncio.create_task(requester())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    reply.set_result("offer")
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    assert seen == [True]  # the reply came back although the task was cancelled
+    assert not await asyncio.create_task(_not_cancelled())
+
+
+async def _not_cancelled() -> bool:
+    return cancel_was_lost()

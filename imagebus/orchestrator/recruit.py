@@ -26,6 +26,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol import subjects as s
+from ..tasks import cancel_was_lost
 from .registry import Registry
 
 _BUS_TIMEOUTS = (TimeoutError, NatsTimeoutError)
@@ -145,6 +146,9 @@ class Recruiter:
             if not offer.willing:
                 declined[offer.reason or OfferReason.BUSY] += 1
                 continue
+            if cancel_was_lost():  # the job was cancelled or timed out: hold no slot
+                await self._release(offer)
+                raise asyncio.CancelledError
             passed_over = self._passed_over(offer.worker_id, avoid)
             if passed_over is not None:
                 declined[passed_over] += 1
