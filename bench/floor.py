@@ -10,7 +10,7 @@ delivery to the worker, acking it once the worker reports; the worker runs a
 function in a thread (as imagebus runs its engine) that notes the time, then
 answers the requester's inbox with it and reports to the relay. No decoding,
 validation, records or events. `floor_latencies` drives it as
-`bench.run.dispatch_latencies` drives imagebus.
+`bench.harness.dispatch_latencies` drives imagebus.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.requester import ImageBusClient
 from imagebus.worker.engine import load_engine
 
-from .run import PYTHON, QUIET, advert_after_work, orchestrators, process, wait_for_workers
+from .harness import PYTHON, QUIET, advert_after_work, orchestrators, process, wait_for_workers
 
 
 def plain_rates(

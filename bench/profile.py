@@ -26,7 +26,7 @@ from pathlib import Path
 
 from imagebus.embedded import NatsServer, Postgres, free_port
 
-from .run import PYTHON, CostMeter, orchestrators, process, throughput
+from .harness import PYTHON, CostMeter, orchestrators, process, throughput
 
 
 def main() -> None:

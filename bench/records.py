@@ -26,7 +26,7 @@ from imagebus.db import AttemptRecord, Database, JobRow, Record, TaskUpdate
 from imagebus.embedded import Postgres
 from imagebus.protocol import TaskState
 
-from .run import _tree_cpu, postgres_pid
+from .harness import postgres_pid, tree_cpu
 
 
 def _ending(job_id: str, worker_id: str, now: datetime) -> list[Record]:
@@ -66,13 +66,13 @@ async def measure(postgres: Postgres, batches: int, per_batch: int) -> list[tupl
         numbers = range(20, 20 + batches)
         for third in (numbers[: batches // 3], numbers[batches // 3 : -(batches // 3)],
                       numbers[-(batches // 3) :]):  # fmt: skip
-            server_start, client_start = _tree_cpu(server), time.process_time()
+            server_start, client_start = tree_cpu(server), time.process_time()
             for number in third:
                 await db.write(_batch(number, per_batch))
             jobs = len(third) * per_batch
             thirds.append(
                 (
-                    1000 * (_tree_cpu(server) - server_start) / jobs,
+                    1000 * (tree_cpu(server) - server_start) / jobs,
                     1000 * (time.process_time() - client_start) / jobs,
                 )
             )

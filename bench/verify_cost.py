@@ -24,7 +24,7 @@ from imagebus.protocol import TaskReport, decode
 from imagebus.protocol import subjects as s
 from imagebus.requester import ImageBusClient
 
-from .run import PYTHON, QUIET, Report, _wait_for_orchestrator, process, wait_for_workers
+from .harness import PYTHON, QUIET, Report, process, wait_for_orchestrator, wait_for_workers
 
 WORKERS = [f"verify-cost-{i}" for i in range(3)]
 VERIFY_REPORTS = "_INBOX.imagebus-verify.*.report"
@@ -49,7 +49,7 @@ def _pool(nats_url: str, database_url: str, sample: float) -> Iterator[None]:
                 process(PYTHON, "-m", "imagebus", "worker", "--worker_id", worker_id,
                         "--model", "tiny", "--threads", "1", "--nats-url", nats_url, ready=False)
             )  # fmt: skip
-        asyncio.run(_wait_for_orchestrator(nats_url))
+        asyncio.run(wait_for_orchestrator(nats_url))
         asyncio.run(wait_for_workers(nats_url, len(WORKERS)))
         yield
 

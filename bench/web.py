@@ -35,8 +35,8 @@ import psutil
 from imagebus.embedded import NatsServer, Postgres, free_port
 from imagebus.requester import ImageBusClient
 
+from .harness import PYTHON, QUIET, Report, orchestrators, percentile, process, wait_for_workers
 from .http11 import Http11
-from .run import PYTHON, QUIET, Report, orchestrators, percentile, process, wait_for_workers
 
 PROMPT = "a lighthouse"
 REQUEST = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1}

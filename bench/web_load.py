@@ -36,8 +36,8 @@ import psutil
 
 from imagebus.embedded import NatsServer, Postgres, free_port
 
+from .harness import PYTHON, Report, orchestrators, process, throughput
 from .http11 import Http11
-from .run import PYTHON, Report, orchestrators, process, throughput
 
 WATCHED = {"prompt": "watched", "width": 8, "height": 8, "steps": 1,
            "requirements": {"device": "cuda"}}  # fmt: skip
