@@ -128,7 +128,6 @@ class Worker:
         self._task_runs.connect(self.nc, self._delivery)
         self._subscriptions = [
             await self._delivery.subscribe(),
-            await self.nc.subscribe(s.worker_ping_subject(self.id), cb=self._on_ping),
             await self.nc.subscribe(s.worker_release_subject(self.id), cb=self._on_release),
             await self.nc.subscribe(s.worker_assign_subject(self.id), cb=self._on_assign),
             await self.nc.subscribe(s.worker_cancel_subject(self.id), cb=self._on_cancel),
@@ -137,6 +136,8 @@ class Worker:
                 cb=Adoptions(self.nc, self.id, self._task_runs.running).on_call,
             ),
             await self.nc.subscribe(s.RECRUIT_SUBJECT, queue=s.WORKER_QUEUE, cb=self._on_recruit),
+            # Last: a pong says the worker is ready (`imagebus up` waits for it).
+            await self.nc.subscribe(s.worker_ping_subject(self.id), cb=self._on_ping),
         ]
         await self.nc.flush()
         self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="imagebus-heartbeats")
