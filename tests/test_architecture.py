@@ -31,11 +31,14 @@ ALLOWED: dict[str, set[str]] = {
     "connections": {"logs", "settings"},
     "embedded": {"settings"},
     "db": {"logs", "protocol", "tasks"},
+    # A job's kept images in the results stream: read by the orchestrator and the client.
+    "kept": {"protocol"},
     # Comparing a re-run image with the original (issue 13): pure, knows no role.
     "verification": set(),
     "orchestrator": {
         "connections",
         "db",
+        "kept",
         "logs",
         "looplag",
         "protocol",
@@ -45,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
     },
     "worker": {"connections", "logs", "looplag", "protocol", "settings", "metrics", "tasks"},
-    "requester": {"connections", "logs", "protocol", "settings", "tasks"},
+    "requester": {"connections", "kept", "logs", "protocol", "settings", "tasks"},
     # The web role speaks only NATS, through the requester's Python client.
     "web": {"connections", "logs", "protocol", "requester", "settings", "metrics", "tasks"},
     "supervisor": set(),  # child processes and their restart policy: knows no role

@@ -7,18 +7,11 @@ logged and skipped. Without one (the prototype's clients), the first whole copy 
 
 from __future__ import annotations
 
-import contextlib
-
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from structlog.typing import FilteringBoundLogger
 
+from ..kept import choose, read_chunks
 from ..protocol import results
-from ..protocol import subjects as s
-
-# Unverified copies logged one by one per read; beyond, only counted.
-_LOGGED_SKIPS = 10
 
 
 async def read_kept(
@@ -34,33 +27,7 @@ async def read_kept(
     SHA-256 and, with the job's secret, by their assignment's MAC; with `index` and
     `sha256`, only the copy with that digest (the one its worker reported: another
     attempt's copy of the same image, made by another worker, is not this worker's)."""
-    js = nc.jetstream()
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=30.0, mem_storage=True,
-    )  # fmt: skip
-    subscription = await js.pull_subscribe(
-        s.results_subject(job_id, index), stream=s.RESULTS_STREAM, config=config
-    )
-    stored: list[tuple[str, dict[str, str], bytes]] = []
-    try:
-        # Asked first, so that a job with nothing kept costs no fetch timeout.
-        pending = (await subscription.consumer_info()).num_pending or 0
-        while len(stored) < pending:
-            try:
-                batch = await subscription.fetch(batch=256, timeout=timeout_s)
-            except (NatsTimeoutError, TimeoutError):
-                break  # what is read so far is used
-            stored += [(m.subject, m.headers or {}, m.data) for m in batch]
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+    chunks = await read_chunks(nc, job_id, index, timeout_s)
     verified = None if secret is None else results.verified_by(secret, job_id)
     worker_made = None if not sha256 or index is None else results.reported({index: sha256})
-    kept = results.assemble(stored, results.every(worker_made, verified))
-    log = log.bind(job_id=job_id)
-    for skipped_index, why in kept.skipped[:_LOGGED_SKIPS]:
-        log.warning("kept copy not verified; skipped", index=skipped_index, reason=why)
-    if len(kept.skipped) > _LOGGED_SKIPS:
-        log.warning("kept copies not verified; skipped", count=len(kept.skipped))
-    return kept.images
+    return choose(chunks, results.every(worker_made, verified), log.bind(job_id=job_id)).images

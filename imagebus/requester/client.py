@@ -23,6 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..connections import ConnectionEvents, connect
+from ..kept import choose
 from ..logs import get_logger
 from ..protocol import (
     FINAL_JOB_STATES,
@@ -43,7 +44,7 @@ from ..protocol.request import REQUEST_DEDUP_WINDOW_S
 from ..settings import BusSettings
 from ..tasks import wait_event
 from .job import AssignedCallback, GeneratedImage, ImageBusError, Job, ProgressCallback
-from .kept import choose, read_stored, recorded
+from .kept import read_stored, recorded
 from .storing import DEFAULT_SUBMIT_TIMEOUT_S, RequestStore
 
 T = TypeVar("T")
@@ -320,7 +321,7 @@ class ImageBusClient:
             stored, check = await asyncio.gather(
                 read_stored(self.nc, job_id, timeout), self._recorded_digests(job_id)
             )
-        kept = choose(job_id, stored, check)
+        kept = choose(stored, check, get_logger(job_id=job_id))
         self.kept_copies_skipped += len(kept.skipped)
         if not kept.images:
             raise ImageBusError(f"no results kept for job {job_id}", "not_found")
