@@ -65,13 +65,13 @@ async def take_over(
             job.job_id, index, ok=True, seed=job.seeds[index], png=png,
             width=params.width, height=params.height,
         )  # fmt: skip
+        digest = hashlib.sha256(png).hexdigest()
         _, messages = events.result_messages(
-            job.dialect, job.inbox, result, nc.max_payload, job.event_key
+            job.dialect, job.inbox, result, nc.max_payload, job.event_key, digest
         )
         for out in messages:
             await send(out)
         job.answered.add(index)
-        digest = hashlib.sha256(png).hexdigest()
         record(
             TaskUpdate(
                 job.job_id, index, TaskState.DONE, finished_at=datetime.now(UTC), sha256=digest

@@ -144,14 +144,20 @@ _CHUNK_OVERHEAD = 2048
 
 
 def result_messages(
-    dialect: Dialect, inbox: str, event: TaskResult, max_payload: int, key: EventKey | None = None
+    dialect: Dialect,
+    inbox: str,
+    event: TaskResult,
+    max_payload: int,
+    key: EventKey | None = None,
+    sha256: str | None = None,
 ) -> tuple[TaskResult, list[Outbound]]:
     """The result as sent, and the message(s) carrying it, each within `max_payload`
     (headers counted: the server does not, and drops a connection that overflows).
 
     A native result too large for one message is split into chunks followed by
-    the result itself (png=None, with size and SHA-256); the prototype's
-    protocol has no such thing, so there it becomes a failure that says why.
+    the result itself (png=None, with size and SHA-256: `sha256` if the caller has
+    it already, a millisecond of its event loop saved per large image); the
+    prototype's protocol has no such thing, so there it becomes a failure that says why.
     """
     single = result(dialect, inbox, event, key)
     if single.size <= max_payload or not event.ok or event.png is None:
@@ -181,9 +187,8 @@ def result_messages(
         )
         for seq, at in enumerate(range(0, len(png), step))
     ]
-    head = dataclasses.replace(
-        event, png=None, chunks=len(chunks), size=len(png), sha256=hashlib.sha256(png).hexdigest()
-    )
+    digest = sha256 or hashlib.sha256(png).hexdigest()
+    head = dataclasses.replace(event, png=None, chunks=len(chunks), size=len(png), sha256=digest)
     return event, [*chunks, result(dialect, inbox, head, key)]
 
 

@@ -165,16 +165,18 @@ class TaskRuns:
         result = await result_of(assignment, self.id, rendering, log)
         seconds = time.perf_counter() - started
         dialect = running.dialect
+        # Hashed once, for a large image's chunked result, the kept copy's headers and
+        # the report (a large image's digest is about a millisecond of this event loop).
+        digest = hashlib.sha256(result.png).hexdigest() if result.ok and result.png else None
         result, messages = events.result_messages(
-            dialect, assignment.reply_inbox, result, self.nc.max_payload, running.event_key
+            dialect, assignment.reply_inbox, result, self.nc.max_payload, running.event_key, digest
         )
+        if not result.ok:  # too large for the prototype's protocol: a failure now
+            digest = None
         # The copy and the result go out in one write (a write per message is most of
         # the bus's cost per job). The slot was freed when the image was rendered.
         # A failure of this worker's own goes to the orchestrator only: it retries it
         # on another worker, and answers the requester itself if none succeeds.
-        # Hashed once, for the kept copy's headers and the report (a large image's
-        # digest is about a millisecond of this event loop's time).
-        digest = hashlib.sha256(result.png).hexdigest() if result.ok and result.png else None
         if not running.reassigned and for_the_requester(result):
             if result.png is not None and digest is not None:
                 await self._delivery.keep(
