@@ -221,10 +221,11 @@ async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: S
         # The quicker of two: the machine is shared, and an overstated image would give
         # the job room for all of them.
         one_image_s = min([await _seconds_for_one(client) for _ in range(2)])
-        # Room for the first of three images, not for all (one worker, one slot; the
-        # third, at three times one image, misses even if the machine speeds up).
+        # Room for two of five images, not for all (one worker, one slot): the first
+        # is made even if the machine slows down 2.5 times (CI saw 1.5 times), and the
+        # fifth misses unless it speeds up 2 times.
         job = await client.submit(
-            "timed", n=3, width=64, height=64, steps=60, job_timeout=1.5 * one_image_s
+            "timed", n=5, width=64, height=64, steps=60, job_timeout=2.5 * one_image_s
         )
         started = time.monotonic()
         with pytest.raises(GenerationFailed) as failed:
@@ -237,9 +238,9 @@ async def test_a_job_over_its_job_timeout_fails_keeping_finished_images(stack: S
         status = await client.job_status(job.job_id)
         kept = await client.fetch(job.job_id)
     made = len(failed.value.images)
-    assert made in (1, 2), made
-    assert [f.code for f in failed.value.failures] == ["job_timeout"] * (3 - made)
-    assert (status.state, status.succeeded, status.failed) == ("partial", made, 3 - made)
+    assert 1 <= made <= 4, made
+    assert [f.code for f in failed.value.failures] == ["job_timeout"] * (5 - made)
+    assert (status.state, status.succeeded, status.failed) == ("partial", made, 5 - made)
     assert sorted(kept) == sorted(image.index for image in failed.value.images)
 
 
