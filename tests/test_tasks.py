@@ -35,48 +35,46 @@ async def test_wait_event_says_whether_the_event_was_set() -> None:
     assert await wait_event(event, 0)
 
 
-async def test_stop_task_is_bounded_when_a_task_ignores_its_cancel() -> None:
-    release = asyncio.Event()
+class _Stubborn:
+    """A task that ignores cancels until it is released (a thread-bound step, say)."""
 
-    async def stubborn() -> None:
-        while not release.is_set():
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self.release.is_set():
             try:
                 await asyncio.sleep(60)
             except asyncio.CancelledError:
                 continue
 
-    task = asyncio.create_task(stubborn())
+    async def end(self) -> None:
+        self.release.set()
+        self.task.cancel()
+        await asyncio.wait({self.task}, timeout=5)
+        assert self.task.done()
+
+
+async def test_stop_task_is_bounded_when_a_task_ignores_its_cancel() -> None:
+    stubborn = _Stubborn()
     await asyncio.sleep(0)
-    assert await stop_task(task, timeout_s=0.05) is False
-    release.set()
-    task.cancel()
-    await asyncio.wait({task}, timeout=5)
-    assert task.done()
+    assert await stop_task(stubborn.task, timeout_s=0.05) is False
+    assert not stubborn.task.done()
+    await stubborn.end()
 
 
 async def test_the_stopping_task_can_itself_be_cancelled() -> None:
     """`with suppress(CancelledError): await task` swallowed this: a stop that its own
     caller cancelled (a timeout, a shutdown) went on as if nothing had happened."""
-
-    release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.create_task(stubborn())
+    stubborn = _Stubborn()
     await asyncio.sleep(0)
-    stopping = asyncio.create_task(stop_task(task, timeout_s=60))
+    stopping = asyncio.create_task(stop_task(stubborn.task, timeout_s=60))
     await asyncio.sleep(0.05)
     stopping.cancel()
     await asyncio.wait({stopping}, timeout=5)
     assert stopping.cancelled()
-    release.set()
-    task.cancel()
-    await asyncio.wait({task}, timeout=5)
+    await stubborn.end()
 
 
 async def test_stop_tasks_retrieves_their_errors() -> None:
