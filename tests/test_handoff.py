@@ -157,3 +157,40 @@ async def test_images_still_being_made_when_their_orchestrator_dies_are_adopted_
     assert [(t.state, t.worker_id, t.attempts) for t in status.tasks] == [
         ("done", image.worker_id, 1) for image in images
     ]
+
+
+async def test_an_adopted_task_keeps_the_attempt_its_worker_runs_under(nats_url: str) -> None:
+    """The dead orchestrator may have re-assigned an image before it died: its worker
+    says which attempt it runs, and the watch (so the records, and the number of a
+    re-assignment from here) carries it. A worker that does not say counts as 1."""
+    from imagebus.orchestrator.adoption import adopt_running_tasks
+    from imagebus.orchestrator.watch import Watch
+    from imagebus.protocol import AdoptionAnswer, AdoptionCall, encode
+
+    workers = await raw_client(nats_url)
+
+    async def answer(msg: Msg) -> None:
+        call = decode(AdoptionCall, msg.data)
+        assert call.job_id == "job-1"
+        await workers.publish(msg.reply, encode(AdoptionAnswer("w-new", [0, 2], [3, 1])))
+        old_worker = msg.reply  # a worker from before `attempts`: indexes only
+        await workers.publish(old_worker, encode({"worker_id": "w-old", "indexes": [1]}))
+
+    await workers.subscribe(s.WORKER_ADOPT_SUBJECT, cb=answer)
+    await workers.flush()
+    orchestrator = await raw_client(nats_url)
+    watches: dict[tuple[str, int], Watch] = {}
+    try:
+        adopted = await adopt_running_tasks(
+            orchestrator, "job-1", "o-2", unanswered=[0, 1, 2, 3],
+            live_workers=["w-new", "w-old"], watches=watches, window_s=5.0,
+        )  # fmt: skip
+    finally:
+        await orchestrator.close()
+        await workers.close()
+    assert adopted == {0: "w-new", 1: "w-old", 2: "w-new"}
+    assert {i: (w.worker_id, w.attempt) for (_, i), w in watches.items()} == {
+        0: ("w-new", 3),
+        1: ("w-old", 1),
+        2: ("w-new", 1),
+    }

@@ -55,11 +55,14 @@ def test_an_adoption_call_moves_the_named_jobs_tasks_not_yet_reported() -> None:
     """Its tasks' reports and heartbeats go to the adopting orchestrator from then on;
     a task whose report is out already stays as it was (the caller re-sends its kept
     image instead), and other jobs' tasks are left alone."""
-    running = [RunningTask(replace(_assignment("job-a"), index=i)) for i in range(3)]
+    attempts = [1, 1, 3]  # the third re-assigned twice before
+    running = [
+        RunningTask(replace(_assignment("job-a"), index=i, attempt=attempts[i])) for i in range(3)
+    ]
     running.append(RunningTask(_assignment("job-b")))
     running[1].reported = True
     call = AdoptionCall("job-a", "o-2")
-    assert adopt(running, call, "w-1") == [0, 2]
+    assert adopt(running, call, "w-1") == [(0, 1), (2, 3)]  # (index, attempt)
     moved = (s.report_subject("o-2", "w-1"), s.heartbeat_subject("o-2", "w-1"))
     assert [(task.report_subject, task.heartbeat_subject) for task in running] == [
         moved,

@@ -42,7 +42,8 @@ async def adopt_running_tasks(
 ) -> dict[int, str]:
     """Have the workers running tasks of `job_id` report here; returns the adopted
     tasks' worker ids by index (only among `unanswered`, the indexes still to make).
-    Each adopted task is put in `watches` (its first attempt here) at once."""
+    Each adopted task is put in `watches` (its first attempt here, numbered as the
+    worker runs it) at once."""
     call = AdoptionCall(job_id=job_id, orchestrator_id=orchestrator_id)
     adopted: dict[int, str] = {}
     heard: set[str] = set()
@@ -56,11 +57,13 @@ async def adopt_running_tasks(
         except ProtocolError:
             return
         heard.add(answer.worker_id)
-        for index in answer.indexes:
+        for position, index in enumerate(answer.indexes):
             if index in wanted and index not in adopted:
                 adopted[index] = answer.worker_id
-                # Watched from now on: its report may come before dispatch starts.
-                watches[(job_id, index)] = Watch(answer.worker_id, 1, loop.create_future())
+                # Watched from now on: its report may come before dispatch starts. Its
+                # attempt keeps the number it runs under, for the records.
+                attempt = _attempt_of(answer, position)
+                watches[(job_id, index)] = Watch(answer.worker_id, attempt, loop.create_future())
         if wanted <= adopted.keys() or (live and live <= heard):
             done.set()
 
@@ -79,3 +82,9 @@ def adopted_offer(worker_id: str) -> WorkerOffer:
     """What dispatch's first attempt of an adopted task starts from: its worker, which
     runs it already (no slot is reserved: it holds one)."""
     return WorkerOffer(worker_id, willing=True, slots=0, free_slots=0, device="")
+
+
+def _attempt_of(answer: AdoptionAnswer, position: int) -> int:
+    """The attempt its worker runs `answer.indexes[position]` under; 1 if unsaid."""
+    said = answer.attempts[position] if position < len(answer.attempts) else 0
+    return said if said >= 1 else 1

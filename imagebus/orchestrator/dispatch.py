@@ -284,12 +284,13 @@ class Dispatcher:
         its report arrives, within `task_timeout_s`.
         """
         job = task.job
-        task.assignments += 1
         key = (job.job_id, task.index)
         self.waiting.pop(key, None)
         self.registry.breaker.assigned(offer.worker_id)
-        # An adopted task's watch was set up when its worker answered (adoption.py).
+        # An adopted task's watch was set up when its worker answered (adoption.py),
+        # with the attempt it runs under: a re-assignment from here numbers on from it.
         adopted, task.adopted_by = self.watches.get(key) if task.adopted_by else None, None
+        task.assignments = adopted.attempt if adopted is not None else task.assignments + 1
         watch = adopted or Watch(
             offer.worker_id, task.assignments, asyncio.get_running_loop().create_future()
         )

@@ -374,10 +374,13 @@ class AdoptionCall:
 @dataclass(frozen=True, slots=True)
 class AdoptionAnswer:
     """A worker's answer to an AdoptionCall: the job's tasks it runs, now adopted
-    (none: it runs none, and says so, so the caller need not wait for it)."""
+    (none: it runs none, and says so, so the caller need not wait for it), and the
+    attempt each runs under, in the same order (the dead orchestrator may have
+    re-assigned it before; workers older than this field send none: taken as 1)."""
 
     worker_id: str
     indexes: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
 
 
 # --- events for native requesters ------------------------------------------------

@@ -20,8 +20,11 @@ from ..protocol import subjects as s
 from .tasks import RunningTask
 
 
-def adopt(running: Iterable[RunningTask], call: AdoptionCall, worker_id: str) -> list[int]:
-    """Point the job's running tasks at the adopting orchestrator; their indexes.
+def adopt(
+    running: Iterable[RunningTask], call: AdoptionCall, worker_id: str
+) -> list[tuple[int, int]]:
+    """Point the job's running tasks at the adopting orchestrator; their (index,
+    attempt), by index.
 
     A task whose report is out already is left alone: the caller would wait for a
     report that went to the dead orchestrator (its image is kept in the results
@@ -31,7 +34,7 @@ def adopt(running: Iterable[RunningTask], call: AdoptionCall, worker_id: str) ->
         if task.assignment.job_id == call.job_id and not task.reported:
             task.report_subject = s.report_subject(call.orchestrator_id, worker_id)
             task.heartbeat_subject = s.heartbeat_subject(call.orchestrator_id, worker_id)
-            adopted.append(task.assignment.index)
+            adopted.append((task.assignment.index, task.assignment.attempt))
     return sorted(adopted)
 
 
@@ -55,7 +58,8 @@ class Adoptions:
             return
         # No await before the subjects change: a report is either out already (and
         # its task marked reported) or goes to the adopting orchestrator.
-        indexes = adopt(self._running.values(), call, self._worker_id)
+        adopted = adopt(self._running.values(), call, self._worker_id)
+        indexes = [index for index, _ in adopted]
         if indexes:
             self._log.info(
                 "tasks adopted by another orchestrator",
@@ -64,4 +68,5 @@ class Adoptions:
                 orchestrator_id=call.orchestrator_id,
             )
         if msg.reply:  # not msg.respond(): it would copy the call's headers
-            await self._nc.publish(msg.reply, encode(AdoptionAnswer(self._worker_id, indexes)))
+            answer = AdoptionAnswer(self._worker_id, indexes, [attempt for _, attempt in adopted])
+            await self._nc.publish(msg.reply, encode(answer))
