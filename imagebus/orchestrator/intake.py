@@ -45,7 +45,7 @@ from nats.js.api import (
 from ..logs import get_logger
 from ..protocol import subjects as s
 from ..protocol.request import REQUEST_DEDUP_WINDOW_S, REQUEST_HEADER_ROOM_BYTES
-from ..tasks import stop_task, wait_event
+from ..tasks import stop_task, stop_tasks, wait_event
 
 
 @dataclass(frozen=True)
@@ -207,10 +207,7 @@ class Intake:
         if self._running:
             self._log.info("draining jobs", running=len(self._running))
             _, pending = await asyncio.wait(self._running, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            if pending:  # bounded: a stop must end, whatever a job is stuck on
-                await asyncio.wait(pending, timeout=5.0)
+            await stop_tasks(pending)  # bounded: a stop must end, whatever a job is stuck on
 
     # --- standing pull requests ------------------------------------------------------
 

@@ -49,6 +49,7 @@ from ..protocol import (
 )
 from ..protocol import subjects as s
 from ..settings import OrchestratorSettings
+from ..tasks import stop_tasks
 from ..verification import DeterminismClass, compare
 from .evidence import Evidence, Sample
 from .jobs import RunningJob
@@ -142,10 +143,7 @@ class Verifier:
         task.add_done_callback(self._pending.discard)
 
     async def stop(self) -> None:
-        for task in list(self._pending):
-            task.cancel()
-        if self._pending:  # bounded, like every part of a stop
-            await asyncio.wait(list(self._pending), timeout=5.0)
+        await stop_tasks(list(self._pending))
         await self.book.stop()
 
     async def settle(self, timeout: float) -> bool:

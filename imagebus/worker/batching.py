@@ -31,7 +31,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..protocol import ImageParams
-from ..tasks import wait_event
+from ..tasks import stop_tasks, wait_event
 from .engine import BatchItem, Engine, RenderedImage, batch_key
 
 # Called on the event loop at every denoising step: (steps done, total steps).
@@ -92,10 +92,7 @@ class Batcher:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:  # a runner waits on its thread no longer once cancelled
-            await asyncio.wait(self._tasks, timeout=5.0)
+        await stop_tasks(self._tasks)  # a runner waits on its thread no longer once cancelled
         for waiting in self._waiting:
             if not waiting.result.done():
                 waiting.result.cancel()
