@@ -7,7 +7,7 @@ job's records hold it (`recorded`), for a fetch without the job's secret.
 
 from __future__ import annotations
 
-import nats.js.errors
+import nats.errors
 from nats.aio.client import Client
 
 from ..kept import Chunk, read_chunks
@@ -19,7 +19,7 @@ async def read_stored(nc: Client, job_id: str, timeout: float) -> list[Chunk]:
     """Every chunk kept for the job, as (subject, headers, payload), in stream order."""
     try:
         return await read_chunks(nc, job_id, timeout_s=timeout)
-    except nats.js.errors.Error as exc:  # no results stream yet (no orchestrator ever ran)
+    except (nats.errors.Error, TimeoutError) as exc:  # no results stream yet, say
         raise ImageBusError(f"no results kept for job {job_id}: {exc}", "not_found") from None
 
 
